@@ -1,0 +1,359 @@
+"""Calibration inputs and activation statistics.
+
+Calibration data is read as a stream: arrays are parsed from their .npy headers (inside .npz
+files too) and read batch by batch, never all at once, and never with ``allow_pickle``. The
+float model runs in onnxruntime on each batch and every observed tensor updates a running
+min/max; the tensors themselves are dropped after each batch.
+
+Accepted data (``--calib-data``):
+
+* an ``.npz`` file with one array per model input, named like the input, first axis = samples;
+* a folder of such ``.npz`` files (read in file-name order), or, for a model with a single
+  input, of ``.npy`` files holding that input's samples (first axis = samples).
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .errors import CalibrationDataError
+
+# Symbolic (dynamic) dimensions other than the batch axis get this size in synthetic inputs.
+SYNTHETIC_DYNAMIC_DIM = 32
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A model input: name, numpy dtype, and shape (ints, or None/str for dynamic dims)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple
+
+    @property
+    def batch_dim(self) -> int | None:
+        """The static size of the first (batch) axis, or None when it is dynamic."""
+        if not self.shape:
+            return None
+        first = self.shape[0]
+        return first if isinstance(first, int) and first > 0 else None
+
+
+def model_input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    initializers = {t.name for t in model.graph.initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tensor_type = value.type.tensor_type
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim)
+        specs.append(InputSpec(value.name, dtype, dims))
+    return specs
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming .npy reader
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ArraySource:
+    """One array on disk, read row block by row block (rows = first axis = samples)."""
+
+    where: str  # for messages: "calib.npz:image"
+    shape: tuple
+    dtype: np.dtype
+    opener: Callable  # returns a binary file object positioned at the .npy magic
+    fortran_order: bool
+
+    @property
+    def samples(self) -> int:
+        return self.shape[0]
+
+    def iter_rows(self, block: int) -> Iterator[np.ndarray]:
+        row_shape = self.shape[1:]
+        row_bytes = int(np.prod(row_shape, dtype=np.int64)) * self.dtype.itemsize
+        with self.opener() as f:
+            _read_header(f, self.where)
+            if self.fortran_order:  # rare; such a file cannot be streamed by rows
+                data = np.frombuffer(f.read(), dtype=self.dtype).reshape(self.shape, order="F")
+                for start in range(0, self.samples, block):
+                    yield np.ascontiguousarray(data[start : start + block])
+                return
+            for start in range(0, self.samples, block):
+                count = min(block, self.samples - start)
+                buf = f.read(row_bytes * count)
+                if len(buf) != row_bytes * count:
+                    raise CalibrationDataError(f"{self.where}: file is truncated")
+                yield np.frombuffer(buf, dtype=self.dtype).reshape((count,) + row_shape)
+
+
+def _read_header(f, where: str):
+    try:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            return np.lib.format.read_array_header_1_0(f)
+        return np.lib.format.read_array_header_2_0(f)
+    except ValueError as exc:
+        raise CalibrationDataError(f"{where}: not a numpy array file ({exc})")
+
+
+def _array_source(where: str, opener: Callable) -> ArraySource:
+    with opener() as f:
+        shape, fortran_order, dtype = _read_header(f, where)
+    if dtype.hasobject:
+        raise CalibrationDataError(f"{where}: holds Python objects; only numeric arrays are accepted (pickles are never loaded)")
+    if len(shape) == 0:
+        raise CalibrationDataError(f"{where}: is a scalar; expected an array whose first axis is the samples")
+    return ArraySource(where, tuple(shape), dtype, opener, fortran_order)
+
+
+def _npz_sources(path: Path) -> dict[str, ArraySource]:
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise CalibrationDataError(f"{path}: not a readable .npz file ({exc})")
+    sources = {}
+    with archive:
+        for member in archive.namelist():
+            if not member.endswith(".npy"):
+                raise CalibrationDataError(f"{path}: unexpected member {member!r} (an .npz holds .npy arrays)")
+            name = member[: -len(".npy")]
+            sources[name] = _array_source(f"{path.name}:{name}", lambda p=path, m=member: _ZipMember(p, m))
+    return sources
+
+
+class _ZipMember:
+    """Context manager opening one member of a zip file for streaming reads."""
+
+    def __init__(self, path: Path, member: str):
+        self.path, self.member = path, member
+
+    def __enter__(self):
+        self.archive = zipfile.ZipFile(self.path)
+        self.file = self.archive.open(self.member)
+        return self.file
+
+    def __exit__(self, *exc):
+        self.file.close()
+        self.archive.close()
+
+
+def _npy_source(path: Path) -> ArraySource:
+    return _array_source(path.name, lambda p=path: open(p, "rb"))
+
+
+# --------------------------------------------------------------------------------------------
+# Calibration data sets
+# --------------------------------------------------------------------------------------------
+
+
+def _check_against_input(source: ArraySource, spec: InputSpec) -> None:
+    kind = spec.dtype.kind
+    compatible = {"f": "f", "i": "iu", "u": "iu", "b": "b"}.get(kind, kind)
+    if source.dtype.kind not in compatible:
+        raise CalibrationDataError(f"{source.where}: dtype {source.dtype} does not fit model input {spec.name!r} of type {spec.dtype}")
+    if len(source.shape) != len(spec.shape):
+        raise CalibrationDataError(
+            f"{source.where}: shape {source.shape} has rank {len(source.shape)}, model input {spec.name!r} has rank "
+            f"{len(spec.shape)} ({_shape_text(spec.shape)}); the first axis is the samples"
+        )
+    for axis, (got, want) in enumerate(zip(source.shape[1:], spec.shape[1:]), start=1):
+        if isinstance(want, int) and want > 0 and got != want:
+            raise CalibrationDataError(
+                f"{source.where}: shape {source.shape} does not match model input {spec.name!r} "
+                f"{_shape_text(spec.shape)} (axis {axis}: {got} != {want})"
+            )
+    if source.samples == 0:
+        raise CalibrationDataError(f"{source.where}: has zero samples")
+
+
+def _shape_text(shape) -> str:
+    return "[" + ", ".join(str(d) if d is not None else "?" for d in shape) + "]"
+
+
+class CalibrationData:
+    """A validated set of calibration arrays: a list of groups (one per file), each group
+    mapping every model input to its array source."""
+
+    def __init__(self, groups: list[dict[str, ArraySource]], description: str):
+        self.groups = groups
+        self.description = description
+
+    @property
+    def samples(self) -> int:
+        return sum(next(iter(g.values())).samples for g in self.groups)
+
+    def batches(self, max_samples: int, batch: int) -> Iterator[dict[str, np.ndarray]]:
+        remaining = max_samples
+        for group in self.groups:
+            if remaining <= 0:
+                return
+            iterators = {name: src.iter_rows(batch) for name, src in group.items()}
+            while remaining > 0:
+                try:
+                    feed = {name: next(it) for name, it in iterators.items()}
+                except StopIteration:
+                    break
+                feed = {name: rows[:remaining] for name, rows in feed.items()}
+                remaining -= next(iter(feed.values())).shape[0]
+                yield feed
+
+
+def open_calibration_data(path: Path, specs: list[InputSpec]) -> CalibrationData:
+    """Opens and validates ``--calib-data`` against the model inputs (headers only)."""
+    path = Path(path)
+    if not path.exists():
+        raise CalibrationDataError(f"{path}: no such file or folder")
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if not p.name.startswith("."))
+        unexpected = [p.name for p in files if p.suffix not in (".npz", ".npy") or not p.is_file()]
+        if unexpected:
+            raise CalibrationDataError(f"{path}: unexpected entries {unexpected[:3]}; the folder may hold only .npz or .npy files")
+        if not files:
+            raise CalibrationDataError(f"{path}: folder holds no .npz or .npy files")
+    else:
+        if path.suffix not in (".npz", ".npy"):
+            raise CalibrationDataError(f"{path}: expected an .npz file or a folder of .npz/.npy files")
+        files = [path]
+    groups = []
+    for file in files:
+        if file.suffix == ".npy":
+            if len(specs) != 1:
+                raise CalibrationDataError(f"{file}: .npy files need a model with one input; this one has {len(specs)}, use .npz")
+            groups.append({specs[0].name: _npy_source(file)})
+        else:
+            groups.append(_npz_sources(file))
+    expected = [s.name for s in specs]
+    for file, group in zip(files, groups):
+        missing = [n for n in expected if n not in group]
+        extra = [n for n in group if n not in expected]
+        if missing or extra:
+            detail = "; ".join(p for p in (f"missing {missing}" if missing else "", f"unknown {extra}" if extra else "") if p)
+            raise CalibrationDataError(f"{file.name}: array names do not match the model inputs {expected} ({detail})")
+        counts = {name: src.samples for name, src in group.items()}
+        if len(set(counts.values())) != 1:
+            raise CalibrationDataError(f"{file.name}: arrays have different sample counts {counts}")
+        for spec in specs:
+            _check_against_input(group[spec.name], spec)
+    return CalibrationData(groups, str(path))
+
+
+def synthetic_batches(specs: list[InputSpec], samples: int, batch: int, seed: int, int_high: dict[str, int]) -> Iterator[dict[str, np.ndarray]]:
+    """Seeded stand-in inputs: N(0, 1) floats, integers in [0, high), random booleans."""
+    rng = np.random.default_rng(seed)
+    done = 0
+    while done < samples:
+        count = min(batch, samples - done)
+        feed = {}
+        for spec in specs:
+            shape = [count] + [d if isinstance(d, int) and d > 0 else SYNTHETIC_DYNAMIC_DIM for d in spec.shape[1:]]
+            if spec.dtype.kind == "f":
+                feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+            elif spec.dtype.kind in "iu":
+                feed[spec.name] = rng.integers(0, int_high.get(spec.name, 2), size=shape).astype(spec.dtype)
+            elif spec.dtype.kind == "b":
+                feed[spec.name] = rng.integers(0, 2, size=shape).astype(bool)
+            else:
+                raise CalibrationDataError(f"cannot make synthetic data for input {spec.name!r} of type {spec.dtype}; pass --calib-data")
+        done += count
+        yield feed
+
+
+def prepare_feed(feed: dict[str, np.ndarray], specs: list[InputSpec], where: str) -> dict[str, np.ndarray]:
+    """Casts a batch to the model's input dtypes and refuses NaN/Inf."""
+    ready = {}
+    for spec in specs:
+        array = feed[spec.name]
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise CalibrationDataError(f"{where}: input {spec.name!r} contains NaN or Inf")
+        ready[spec.name] = np.ascontiguousarray(array, dtype=spec.dtype)
+    return ready
+
+
+# --------------------------------------------------------------------------------------------
+# Running the model and observing tensors
+# --------------------------------------------------------------------------------------------
+
+
+class RangeObserver:
+    """Running min/max of one tensor, updated batch by batch."""
+
+    def __init__(self):
+        self.lo = np.inf
+        self.hi = -np.inf
+
+    def update(self, values: np.ndarray) -> None:
+        if values.size:
+            self.lo = min(self.lo, float(values.min()))
+            self.hi = max(self.hi, float(values.max()))
+
+    @property
+    def range(self) -> tuple[float, float]:
+        if self.lo > self.hi:  # never saw a value (zero-sized tensor)
+            return (0.0, 0.0)
+        return (self.lo, self.hi)
+
+
+@dataclass
+class ReferenceBatch:
+    feed: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray]
+
+
+@dataclass
+class CalibrationResult:
+    ranges: dict[str, tuple[float, float]]
+    samples: int
+    reference: ReferenceBatch | None
+
+
+def observe_ranges(
+    model: onnx.ModelProto,
+    tensor_names: list[str],
+    batches: Iterator[dict[str, np.ndarray]],
+    specs: list[InputSpec],
+    on_batch: Callable[[int], None] | None = None,
+) -> CalibrationResult:
+    """Runs ``model`` on every batch: the range of every tensor, the sample count, and the first
+    batch with the model's outputs on it (the reference the quantized model is checked against)."""
+    input_names = {s.name for s in specs}
+    outputs = [o.name for o in model.graph.output]
+    graph_outputs = set(outputs)
+    for name in tensor_names:
+        if name not in input_names and name not in graph_outputs:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    fetched = [n for n in tensor_names if n not in input_names]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    observers = {name: RangeObserver() for name in tensor_names}
+    samples = 0
+    reference = None
+    for index, feed in enumerate(batches):
+        feed = prepare_feed(feed, specs, f"calibration batch {index}")
+        try:
+            values = session.run(fetched + outputs, feed)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CalibrationDataError(f"onnxruntime could not run the model on calibration batch {index}: {first}")
+        for name, value in zip(fetched, values):
+            observers[name].update(value)
+        for name in tensor_names:
+            if name in input_names:
+                observers[name].update(feed[name])
+        if reference is None:
+            reference = ReferenceBatch(feed, dict(zip(outputs, values[len(fetched) :])))
+        samples += next(iter(feed.values())).shape[0] if feed else 0
+        if on_batch is not None:
+            on_batch(samples)
+    return CalibrationResult({name: obs.range for name, obs in observers.items()}, samples, reference)

@@ -1,0 +1,74 @@
+"""Compile options, validated once, in one place, for the CLI and the Python API alike."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import UsageError
+from .quant import MAX_BITS, MIN_BITS
+
+SPLIT_MODES = ("qa", "naive")
+GRANULARITIES = ("channel", "tensor")
+ACTIVATION_TYPES = ("uint8", "int8")
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    """What to compile and how. Defaults are the recommended settings (see README)."""
+
+    wbits: int = 8
+    # Activation bits; None means weight-only quantization with no calibration (data-free).
+    abits: int | None = 8
+    # OCS expansion ratio r: ceil(r * C_in) extra input channels per splittable layer.
+    ratio: float = 0.02
+    split: str = "qa"
+    granularity: str = "channel"
+    # uint8 with a zero point (asymmetric) or int8 with zero point 0 (symmetric).
+    activation_type: str = "uint8"
+    calib_data: Path | None = None
+    calib_samples: int = 128
+    calib_batch: int = 16
+    # Glob patterns on node names or op types; matching nodes stay float.
+    exclude: tuple[str, ...] = ()
+    seed: int = 0
+    # Verify the output in onnxruntime (load, count integer kernels, run one batch).
+    verify: bool = True
+    # Stop the pipeline after this pass (for debugging and for equivalence tests).
+    stop_after: str | None = None
+    dump_after: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self):
+        _check_bits("--wbits", self.wbits)
+        if self.abits is not None:
+            _check_bits("--abits", self.abits)
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0.0 <= self.ratio <= 1.0:
+            raise UsageError(f"--ratio must be a number between 0 and 1, got {self.ratio!r}")
+        _check_choice("--split", self.split, SPLIT_MODES)
+        _check_choice("--granularity", self.granularity, GRANULARITIES)
+        _check_choice("--activation-type", self.activation_type, ACTIVATION_TYPES)
+        for name in ("calib_samples", "calib_batch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.calib_data is not None:
+            object.__setattr__(self, "calib_data", Path(self.calib_data))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        object.__setattr__(self, "dump_after", tuple(self.dump_after))
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["calib_data"] = str(self.calib_data) if self.calib_data is not None else None
+        d["exclude"] = list(self.exclude)
+        d["dump_after"] = list(self.dump_after)
+        return d
+
+
+def _check_bits(flag: str, bits) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise UsageError(f"{flag} must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}")
+
+
+def _check_choice(flag: str, value, choices) -> None:
+    if value not in choices:
+        raise UsageError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")

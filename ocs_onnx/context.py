@@ -1,0 +1,95 @@
+"""The compile context: what passes learn about the model and hand to the passes after them."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .config import CompileConfig
+from .quant import ActivationQParams
+
+log = logging.getLogger("ocs_onnx")
+
+
+@dataclass
+class LayerPlan:
+    """One Conv/Gemm/MatMul whose weight gets quantized (and maybe split)."""
+
+    node: gs.Node
+    weight: gs.Constant
+    # Axes of the weight tensor: input channels (split along it) and output channels
+    # (per-channel scales along it).
+    weight_in_axis: int
+    weight_out_axis: int
+    # Axis of the layer's data input that carries the input channels (where OCS Gathers).
+    input_channel_axis: int
+    splittable: bool
+    not_split_reason: str | None = None
+    original_weight: np.ndarray | None = None
+    # OCS: the channel split at each step, and the original channel of every channel after.
+    splits: list[int] = field(default_factory=list)
+    channel_origins: list[int] | None = None
+    # Weight scale (scalar, or one per output channel), set once splitting is done.
+    scale: np.ndarray | None = None
+    sqnr_without_ocs_db: float | None = None
+    sqnr_with_ocs_db: float | None = None
+
+    @property
+    def name(self) -> str:
+        return self.node.name
+
+    @property
+    def op(self) -> str:
+        return self.node.op
+
+    @property
+    def input_channels(self) -> int:
+        return int(self.original_weight.shape[self.weight_in_axis])
+
+
+@dataclass
+class CompileContext:
+    config: CompileConfig
+    source: str = "<model>"
+    # The folder of the model file, for external data (None for an in-memory model).
+    model_dir: Path | None = None
+    layers: list[LayerPlan] = field(default_factory=list)
+    # Nodes kept float and why: {node name: reason}.
+    kept_float: dict[str, str] = field(default_factory=dict)
+    # Activation tensors to quantize: {tensor name: name of the tensor whose statistics it uses}.
+    # A tensor behind an OCS Gather shares the parameters of the tensor before it.
+    activations: dict[str, str] = field(default_factory=dict)
+    # OCS Gathers inserted by weight-ocs: {gathered tensor name: source tensor name}.
+    ocs_gathers: dict[str, str] = field(default_factory=dict)
+    # Calibration: {observed tensor name: (min, max)}, and where the samples came from.
+    activation_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    activation_qparams: dict[str, ActivationQParams] = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)
+    # First calibration batch and the float model's outputs on it (checked after quantization).
+    reference_batch: object | None = None
+    normalization: dict = field(default_factory=dict)
+    verification: dict = field(default_factory=dict)
+    pass_seconds: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    _used_names: set[str] = field(default_factory=set)
+
+    def warn(self, message: str) -> None:
+        """A warning for the user: logged now and listed in the report."""
+        self.warnings.append(message)
+        log.warning(message)
+
+    def reserve_names(self, graph: gs.Graph) -> None:
+        self._used_names = {t for t in graph.tensors()} | {n.name for n in graph.nodes if n.name}
+
+    def unique_name(self, base: str) -> str:
+        """A tensor/node name not used anywhere in the graph yet (deterministic)."""
+        name, k = base, 1
+        while name in self._used_names:
+            name = f"{base}_{k}"
+            k += 1
+        self._used_names.add(name)
+        return name

@@ -1,0 +1,236 @@
+"""Quantization and channel-splitting math on plain numpy arrays.
+
+Every formula of the compiler lives here, with no graph in sight, so each one can be
+tested on arrays. The conventions follow the OCS paper (Zhao et al., ICML 2019, sec. 3):
+
+* k-bit symmetric weights: ``qmax = 2**(k-1) - 1`` levels each side of zero,
+  ``scale = alpha / qmax`` with ``alpha = max|w|`` (or a clip threshold),
+  ``q = clamp(floor(w / scale + 0.5), -qmax, qmax)`` (round half up), zero point 0.
+* Quantization-aware split (eq. 6): ``w -> ((w - scale/2) / 2, (w + scale/2) / 2)``, which keeps
+  ``Q(a) + Q(b) == Q(w)`` exactly (Hermite's identity). The naive split is ``(w/2, w/2)``.
+* Channel selection (sec. 3.4): each split takes the input channel that currently holds the
+  largest |w|; a copy made by an earlier split may be split again.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+MIN_BITS = 2
+MAX_BITS = 8
+
+
+def check_bits(bits: int, what: str = "bits") -> int:
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
+        raise ValueError(f"{what} must be an integer between {MIN_BITS} and {MAX_BITS}, got {bits!r}")
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"{what} must be between {MIN_BITS} and {MAX_BITS}, got {bits}")
+    return int(bits)
+
+
+def symmetric_qmax(bits: int) -> int:
+    """Largest level of a k-bit symmetric grid: 2^(k-1) - 1 (the grid has 2^k - 1 points)."""
+    return 2 ** (check_bits(bits) - 1) - 1
+
+
+# --------------------------------------------------------------------------------------------
+# Symmetric weight quantization
+# --------------------------------------------------------------------------------------------
+
+
+def reduce_axes(ndim: int, keep_axis: int | None) -> tuple[int, ...]:
+    """Axes to reduce over to get one value per slice of ``keep_axis`` (all axes if None)."""
+    if keep_axis is None:
+        return tuple(range(ndim))
+    keep_axis %= ndim
+    return tuple(axis for axis in range(ndim) if axis != keep_axis)
+
+
+def expand_to(values: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
+    """Reshape a per-axis vector (or scalar) so that it broadcasts against an ``ndim`` array."""
+    values = np.asarray(values)
+    if axis is None or values.ndim == 0:
+        return values
+    shape = [1] * ndim
+    shape[axis % ndim] = -1
+    return values.reshape(shape)
+
+
+def max_abs(w: np.ndarray, axis: int | None) -> np.ndarray:
+    """max |w| over the whole tensor (axis None) or per slice along ``axis``."""
+    w = np.asarray(w)
+    if w.size == 0:
+        return np.zeros(() if axis is None else (w.shape[axis],), dtype=np.float64)
+    return np.abs(w).max(axis=reduce_axes(w.ndim, axis)).astype(np.float64)
+
+
+def symmetric_scale(alpha: np.ndarray, bits: int) -> np.ndarray:
+    """scale = alpha / qmax, with alpha the clip threshold (max|w| when not clipping).
+
+    A zero range (an all-zero tensor or channel) gets scale 1 so that nothing divides by zero;
+    its values quantize to 0 either way.
+    """
+    alpha = np.asarray(alpha, dtype=np.float64)
+    scale = alpha / symmetric_qmax(bits)
+    return np.where(scale > 0, scale, 1.0)
+
+
+def quantize_symmetric(w: np.ndarray, scale: np.ndarray, bits: int, axis: int | None = None) -> np.ndarray:
+    """Integer levels of ``w``: clamp(floor(w / scale + 0.5), -qmax, qmax), as int64.
+
+    ``scale`` is a scalar or one value per slice along ``axis``. Computed in float64 so that the
+    rounding is the one the formulas promise, not float32's.
+    """
+    qmax = symmetric_qmax(bits)
+    w64 = np.asarray(w, dtype=np.float64)
+    s = expand_to(np.asarray(scale, dtype=np.float64), w64.ndim, axis)
+    return np.clip(np.floor(w64 / s + 0.5), -qmax, qmax).astype(np.int64)
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray, axis: int | None = None, zero_point=0) -> np.ndarray:
+    q = np.asarray(q, dtype=np.float64)
+    s = expand_to(np.asarray(scale, dtype=np.float64), q.ndim, axis)
+    zp = expand_to(np.asarray(zero_point, dtype=np.float64), q.ndim, axis)
+    return (q - zp) * s
+
+
+def fake_quantize_symmetric(w: np.ndarray, scale: np.ndarray, bits: int, axis: int | None = None) -> np.ndarray:
+    """Q(w) mapped back to real values (what DequantizeLinear gives at run time)."""
+    return dequantize(quantize_symmetric(w, scale, bits, axis), scale, axis)
+
+
+def sqnr_db(reference: np.ndarray, approximation: np.ndarray) -> float | None:
+    """Signal-to-quantization-noise ratio in dB; None when undefined (no signal or no noise)."""
+    ref = np.asarray(reference, dtype=np.float64)
+    noise = float(np.sum((ref - np.asarray(approximation, dtype=np.float64)) ** 2))
+    signal = float(np.sum(ref**2))
+    if noise == 0.0 or signal == 0.0:
+        return None
+    return 10.0 * math.log10(signal / noise)
+
+
+# --------------------------------------------------------------------------------------------
+# Asymmetric / symmetric activation parameters
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ActivationQParams:
+    """Parameters of one QuantizeLinear/DequantizeLinear pair on an activation."""
+
+    scale: float
+    zero_point: int
+    dtype: type  # np.uint8 or np.int8
+
+
+def asymmetric_uint8_qparams(lo: float, hi: float, bits: int) -> ActivationQParams:
+    """uint8 grid 0..2^k-1 covering [lo, hi] extended to include 0 (so 0 is exact, as padding needs)."""
+    qmax = 2 ** check_bits(bits) - 1
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    scale = (hi - lo) / qmax
+    if not scale > 0:
+        return ActivationQParams(1.0, 0, np.uint8)
+    zero_point = int(np.clip(np.floor(-lo / scale + 0.5), 0, qmax))
+    return ActivationQParams(float(np.float32(scale)), zero_point, np.uint8)
+
+
+def symmetric_int8_qparams(lo: float, hi: float, bits: int) -> ActivationQParams:
+    """int8 grid -qmax..qmax around zero with qmax = 2^(k-1) - 1, zero point 0."""
+    alpha = max(abs(float(lo)), abs(float(hi)))
+    scale = alpha / symmetric_qmax(bits)
+    if not scale > 0:
+        return ActivationQParams(1.0, 0, np.int8)
+    return ActivationQParams(float(np.float32(scale)), 0, np.int8)
+
+
+# --------------------------------------------------------------------------------------------
+# Outlier channel splitting
+# --------------------------------------------------------------------------------------------
+
+
+def split_count(ratio: float, channels: int) -> int:
+    """ceil(r * C) splits for a layer with C input channels (paper sec. 3.4).
+
+    The product is rounded to 9 decimals first so that e.g. 0.07 * 100 = 7.000000000000001
+    gives 7 splits, not 8.
+    """
+    if channels <= 0 or ratio <= 0:
+        return 0
+    return int(math.ceil(round(ratio * channels, 9)))
+
+
+def plan_channel_splits(w: np.ndarray, in_axis: int, n_splits: int) -> list[int]:
+    """Greedy OCS channel selection: which channel to split at each step.
+
+    Returns the index (in the channel numbering at that step) of the channel split at each of
+    ``n_splits`` steps. Each step splits the channel that holds the largest |w|; the halved copy
+    is appended at the end, so it can be chosen again later. Ties go to the lowest index.
+    """
+    channel_max = list(max_abs(w, in_axis))
+    splits = []
+    for _ in range(n_splits):
+        source = int(np.argmax(channel_max))
+        channel_max[source] /= 2.0
+        channel_max.append(channel_max[source])
+        splits.append(source)
+    return splits
+
+
+def channel_origins(channels: int, splits: list[int]) -> list[int]:
+    """For each channel after splitting, the original input channel it copies."""
+    origin = list(range(channels))
+    for source in splits:
+        origin.append(origin[source])
+    return origin
+
+
+def apply_channel_splits(
+    w: np.ndarray,
+    in_axis: int,
+    splits: list[int],
+    qa_scale: np.ndarray | None = None,
+    out_axis: int | None = None,
+) -> np.ndarray:
+    """Replays ``splits`` on ``w``: each split halves a channel and appends the other half.
+
+    Without ``qa_scale`` the split is naive, ``(v/2, v/2)``. With it the split is
+    quantization-aware, ``((v - s/2)/2, (v + s/2)/2)`` with ``s`` the final scale (a scalar, or
+    one value per slice along ``out_axis`` for per-channel scales). Either way the pieces add up
+    to ``v``, so the layer computes the same function. Arithmetic is in float64; the result has
+    ``w``'s dtype.
+    """
+    in_axis %= w.ndim
+    moved = np.moveaxis(np.asarray(w, dtype=np.float64), in_axis, 0)
+    channels = list(moved)  # one (…)-shaped view per input channel
+    half_step = None
+    if qa_scale is not None:
+        scale = np.asarray(qa_scale, dtype=np.float64)
+        if scale.ndim == 0 or out_axis is None:
+            half_step = scale / 2.0
+        else:
+            # position of out_axis inside one channel slice (the slice has lost in_axis)
+            out_axis %= w.ndim
+            slice_axis = out_axis if out_axis < in_axis else out_axis - 1
+            half_step = expand_to(scale, w.ndim - 1, slice_axis) / 2.0
+    for source in splits:
+        value = channels[source]
+        if half_step is None:
+            kept, copy = value / 2.0, value / 2.0
+        else:
+            kept, copy = (value - half_step) / 2.0, (value + half_step) / 2.0
+        channels[source] = kept
+        channels.append(copy)
+    stacked = np.stack(channels, axis=0) if channels else moved
+    return np.moveaxis(stacked, 0, in_axis).astype(w.dtype)
+
+
+def merge_split_channels(w_split: np.ndarray, in_axis: int, origins: list[int], channels: int) -> np.ndarray:
+    """Sums split pieces back onto their original channels (the weight the layer effectively uses)."""
+    in_axis %= w_split.ndim
+    moved = np.moveaxis(np.asarray(w_split, dtype=np.float64), in_axis, 0)
+    merged = np.zeros((channels,) + moved.shape[1:], dtype=np.float64)
+    np.add.at(merged, np.asarray(origins, dtype=np.int64), moved)
+    return np.moveaxis(merged, 0, in_axis)

@@ -1,0 +1,139 @@
+"""The compile report: a JSON document for pipelines and a short table for people."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import onnx
+
+from . import __version__
+from .context import CompileContext, LayerPlan
+
+
+def _weight_count(model: onnx.ModelProto) -> int:
+    return int(sum(np.prod(t.dims, dtype=np.int64) for t in model.graph.initializer))
+
+
+def _scale_value(scale) -> float | list[float]:
+    scale = np.asarray(scale, dtype=np.float32)
+    return float(scale) if scale.ndim == 0 else [float(s) for s in scale]
+
+
+def _round(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(float(value), digits)
+
+
+def layer_entry(plan: LayerPlan, ctx: CompileContext) -> dict:
+    original = plan.original_weight
+    split_channels = plan.channel_origins[original.shape[plan.weight_in_axis] :] if plan.channel_origins else []
+    return {
+        "name": plan.name,
+        "op": plan.op,
+        "weight_shape": list(original.shape),
+        "weight_shape_after": list(plan.weight.shape) if plan.splits else list(original.shape),
+        "split": bool(plan.splits),
+        "not_split_reason": plan.not_split_reason,
+        "channels_split": len(plan.splits),
+        "split_channels": [int(c) for c in split_channels],
+        "bits": ctx.config.wbits,
+        "granularity": ctx.config.granularity,
+        "scale": _scale_value(plan.scale) if plan.scale is not None else None,
+        "sqnr_db": {"without_ocs": _round(plan.sqnr_without_ocs_db), "with_ocs": _round(plan.sqnr_with_ocs_db)},
+    }
+
+
+def build_report(ctx: CompileContext, model_in: onnx.ModelProto, model_out: onnx.ModelProto) -> dict:
+    layers = [layer_entry(plan, ctx) for plan in ctx.layers]
+    weights_before = int(sum(p.original_weight.size for p in ctx.layers))
+    weights_after = int(sum((p.weight.values.size if p.splits else p.original_weight.size) for p in ctx.layers))
+    params_before, params_after = _weight_count(model_in), _weight_count(model_out)
+    activations = {
+        name: {"scale": qp.scale, "zero_point": qp.zero_point, "type": np.dtype(qp.dtype).name, "range": list(ctx.activation_ranges.get(ctx.activations[name], (None, None)))}
+        for name, qp in ctx.activation_qparams.items()
+    }
+    return {
+        "ocs_onnx_version": __version__,
+        "source": ctx.source,
+        "config": ctx.config.as_dict(),
+        "normalization": ctx.normalization,
+        "layers": layers,
+        "kept_float": ctx.kept_float,
+        "activations": activations,
+        "calibration": ctx.calibration,
+        "onnxruntime": ctx.verification,
+        "totals": {
+            "quantized_layers": len(ctx.layers),
+            "split_layers": sum(1 for p in ctx.layers if p.splits),
+            "channels_split": sum(len(p.splits) for p in ctx.layers),
+            "quantized_weights_before": weights_before,
+            "quantized_weights_after": weights_after,
+            "weight_overhead": (weights_after / weights_before - 1.0) if weights_before else 0.0,
+            "parameters_before": params_before,
+            "parameters_after": params_after,
+            "model_bytes_before": model_in.ByteSize(),
+            "model_bytes_after": model_out.ByteSize(),
+        },
+        "pass_seconds": {name: round(seconds, 4) for name, seconds in ctx.pass_seconds.items()},
+        "warnings": ctx.warnings,
+    }
+
+
+def report_json(report: dict) -> str:
+    return json.dumps(report, indent=2, allow_nan=False, default=_json_default) + "\n"
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return None if not math.isfinite(value) else float(value)
+    return str(value)
+
+
+def _db(value) -> str:
+    return "   exact" if value is None else f"{value:6.1f} dB"
+
+
+def summary_text(report: dict) -> str:
+    """A few lines for stderr: the per-layer table, then totals."""
+    config = report["config"]
+    rows = [("layer", "op", "weight", "split", "SQNR no OCS", "SQNR OCS")]
+    for layer in report["layers"]:
+        split = f"+{layer['channels_split']}" if layer["split"] else ("-" if not layer["not_split_reason"] else "no*")
+        rows.append(
+            (
+                layer["name"],
+                layer["op"],
+                "x".join(map(str, layer["weight_shape"])),
+                split,
+                _db(layer["sqnr_db"]["without_ocs"]),
+                _db(layer["sqnr_db"]["with_ocs"]),
+            )
+        )
+    widths = [min(max(len(r[i]) for r in rows), 40) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell[:40].ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    if any(layer["not_split_reason"] for layer in report["layers"]):
+        lines.append("  no* = not splittable (reason in the JSON report)")
+    totals = report["totals"]
+    abits = "none" if config["abits"] is None else config["abits"]
+    lines.append(
+        f"quantized {totals['quantized_layers']} layers at W{config['wbits']}A{abits} ({config['granularity']} scales), "
+        f"split {totals['split_layers']} layers (+{totals['channels_split']} channels, ratio {config['ratio']}, {config['split']} split); "
+        f"weights {totals['quantized_weights_before']:,} -> {totals['quantized_weights_after']:,} (+{100 * totals['weight_overhead']:.2f} %)"
+    )
+    if report["kept_float"]:
+        lines.append(f"kept float: {len(report['kept_float'])} Conv/Gemm/MatMul nodes (see report)")
+    calib = report["calibration"]
+    if calib:
+        lines.append(f"calibration: {calib.get('samples', 0)} samples, {calib.get('source')}")
+    ort_info = report["onnxruntime"]
+    if ort_info:
+        line = f"onnxruntime {ort_info['onnxruntime_version']}: {ort_info['integer_kernels']} integer kernels for {ort_info['quantized_layers']} quantized layers"
+        sqnr = ort_info.get("output_sqnr_db")
+        if sqnr:
+            line += "; output SQNR vs float " + ", ".join(f"{k} {_db(v).strip()}" for k, v in sqnr.items())
+        lines.append(line)
+    lines.append(f"model size {totals['model_bytes_before']:,} -> {totals['model_bytes_after']:,} bytes")
+    return "\n".join(lines)

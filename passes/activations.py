@@ -1,0 +1,61 @@
+"""plan-activations: which activation tensors get a QuantizeLinear/DequantizeLinear pair.
+
+onnxruntime turns a layer into an integer kernel when its inputs come from DequantizeLinear and,
+for Conv, its output goes into a QuantizeLinear (QLinearConv). MatMul and Gemm fuse with a
+float output (MatMulIntegerToFloat, QGemm). So we quantize:
+
+* the data input of every quantized layer; behind an OCS Gather, both the Gather's input and
+  output, with the same parameters, so that onnxruntime drops the pair around the Gather and
+  the Gather moves 8-bit values;
+* the output of every quantized Conv. When that output only feeds a Relu or Clip, the
+  activation's output is quantized instead: with a uint8 zero point at the bottom of the
+  range, onnxruntime removes the Relu/Clip and QLinearConv clamps for free.
+
+Other float ops read dequantized values where they share a tensor with a quantized layer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ocs_onnx.context import CompileContext
+from ocs_onnx.pass_manager import Pass
+
+# Activations onnxruntime folds into the quantization of the tensor after them.
+FOLDABLE_ACTIVATIONS = ("Relu", "Clip")
+
+
+def _is_float(t: gs.Tensor) -> bool:
+    return t.dtype is not None and np.dtype(t.dtype) == np.float32
+
+
+def _output_to_quantize(node: gs.Node, graph_outputs: set[str]) -> gs.Tensor:
+    out = node.outputs[0]
+    if out.name not in graph_outputs and len(out.outputs) == 1:
+        consumer = out.outputs[0]
+        clip_constant = all(isinstance(t, gs.Constant) for t in consumer.inputs[1:])
+        if consumer.op in FOLDABLE_ACTIVATIONS and clip_constant:
+            return consumer.outputs[0]
+    return out
+
+
+def run(graph: gs.Graph, ctx: CompileContext) -> None:
+    ctx.activations = {}
+    if ctx.config.abits is None:
+        return
+    graph_outputs = {t.name for t in graph.outputs}
+    for plan in ctx.layers:
+        x = plan.node.inputs[0]
+        if not _is_float(x):
+            continue
+        source = ctx.ocs_gathers.get(x.name, x.name)
+        ctx.activations.setdefault(source, source)
+        ctx.activations[x.name] = source
+        if plan.op == "Conv":
+            out = _output_to_quantize(plan.node, graph_outputs)
+            if _is_float(out):
+                ctx.activations.setdefault(out.name, out.name)
+
+
+PASS = Pass("plan-activations", "choose the activation tensors to quantize (layer inputs, Conv outputs)", run)

@@ -1,0 +1,33 @@
+"""constants-to-initializers: weights held in Constant nodes (and constant subgraphs such as
+Constant -> Transpose -> MatMul) become initializers, so later passes see them as weights.
+
+paddle2onnx and torch exports keep weights in Constant nodes; layer selection only considers a
+layer whose weight input is a constant tensor.
+"""
+
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+
+from ocs_onnx.context import CompileContext
+from ocs_onnx.pass_manager import Pass
+
+# Folding never produces a constant larger than this: an Expand/Tile of a small constant can
+# blow up into a tensor far bigger than the subgraph that computes it.
+MAX_FOLDED_BYTES = 64 << 20
+
+
+def run(graph: gs.Graph, ctx: CompileContext) -> None:
+    before = sum(1 for n in graph.nodes if n.op == "Constant")
+    # onnx-graphsurgeon folds Constant nodes and evaluates constant subgraphs with onnxruntime.
+    # Existing QuantizeLinear/DequantizeLinear nodes are left alone: they belong to the model.
+    graph.fold_constants(
+        size_threshold=MAX_FOLDED_BYTES,
+        should_exclude_node=lambda node: node.op in ("QuantizeLinear", "DequantizeLinear"),
+    )
+    graph.cleanup()
+    after = sum(1 for n in graph.nodes if n.op == "Constant")
+    ctx.normalization["constant_nodes_folded"] = before - after
+
+
+PASS = Pass("constants-to-initializers", "fold Constant nodes and constant subgraphs into initializers", run)

@@ -1,0 +1,36 @@
+"""upgrade-opset: per-axis DequantizeLinear (per-channel weight scales) needs opset 13, so older
+models are converted with onnx's version converter, or refused with the reason it failed."""
+
+from __future__ import annotations
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from ocs_onnx.context import CompileContext
+from ocs_onnx.errors import UnsupportedModelError
+from ocs_onnx.model_io import graph_to_model, model_to_graph
+from ocs_onnx.pass_manager import Pass
+
+MIN_OPSET = 13
+
+
+def run(graph: gs.Graph, ctx: CompileContext) -> gs.Graph | None:
+    ctx.normalization["opset_in"] = graph.opset
+    if graph.opset >= MIN_OPSET:
+        ctx.normalization["opset_out"] = graph.opset
+        return None
+    model = graph_to_model(graph)
+    try:
+        upgraded = onnx.version_converter.convert_version(model, MIN_OPSET)
+        onnx.checker.check_model(upgraded)
+    except Exception as exc:  # the converter raises bare RuntimeErrors and checker errors
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsupportedModelError(
+            f"cannot upgrade the model from opset {graph.opset} to {MIN_OPSET} "
+            f"(needed for per-channel DequantizeLinear): {reason}"
+        )
+    ctx.normalization["opset_out"] = MIN_OPSET
+    return model_to_graph(upgraded)
+
+
+PASS = Pass("upgrade-opset", f"upgrade models below opset {MIN_OPSET} with onnx's version converter", run)

@@ -1,0 +1,99 @@
+"""select-layers: decides which layers are quantized and which of those may be split.
+
+* Conv (group = 1), Gemm and MatMul whose weight input is a constant are quantized and split.
+* Grouped and depthwise Conv are quantized but not split: an extra input channel would have to
+  be added to every group (depthwise: a whole extra group), which is not what OCS's overhead
+  figure counts and which the Conv's group structure cannot express for one channel alone.
+* Everything else stays float, as do nodes matched by ``--exclude`` (glob on name or op type).
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ocs_onnx.context import CompileContext, LayerPlan
+from ocs_onnx.pass_manager import Pass
+
+QUANTIZABLE_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def _excluded_by(node: gs.Node, patterns) -> str | None:
+    for pattern in patterns:
+        if fnmatchcase(node.name, pattern) or fnmatchcase(node.op, pattern):
+            return pattern
+    return None
+
+
+def _weight_of(node: gs.Node) -> gs.Constant | None:
+    if len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
+        return None
+    if isinstance(node.inputs[0], gs.Constant):
+        return None  # a constant data input would be folded; nothing to calibrate here
+    return node.inputs[1]
+
+
+def plan_layer(node: gs.Node, weight: gs.Constant) -> LayerPlan | str:
+    """The layer's quantization plan, or the reason it stays float."""
+    w = weight.values
+    if w.dtype != np.float32:
+        return f"weight dtype {w.dtype} (only float32 weights are quantized)"
+    if w.size == 0:
+        return "zero-sized weight"
+    if not np.isfinite(w).all():
+        return "weight contains NaN or Inf"
+    if node.op == "Conv":
+        if w.ndim < 3:
+            return f"Conv weight of rank {w.ndim}"
+        group = int(node.attrs.get("group", 1))
+        plan = LayerPlan(node, weight, weight_in_axis=1, weight_out_axis=0, input_channel_axis=1, splittable=group == 1)
+        if group > 1:
+            kind = "depthwise" if w.shape[1] == 1 else f"grouped (group={group})"
+            plan.not_split_reason = f"{kind} Conv: a split channel would need a copy in every group"
+        return plan
+    if w.ndim != 2:
+        return f"{node.op} weight of rank {w.ndim} (only 2-D weights are quantized)"
+    if node.op == "Gemm":
+        trans_a, trans_b = int(node.attrs.get("transA", 0)), int(node.attrs.get("transB", 0))
+        # B is (K, N), or (N, K) with transB; A is (M, K), or (K, M) with transA.
+        return LayerPlan(
+            node,
+            weight,
+            weight_in_axis=1 if trans_b else 0,
+            weight_out_axis=0 if trans_b else 1,
+            input_channel_axis=0 if trans_a else 1,
+            splittable=True,
+        )
+    # MatMul: y = x @ W with W (K, N); x's last axis is K.
+    return LayerPlan(node, weight, weight_in_axis=0, weight_out_axis=1, input_channel_axis=-1, splittable=True)
+
+
+def run(graph: gs.Graph, ctx: CompileContext) -> None:
+    ctx.layers = []
+    for node in graph.nodes:
+        if node.op not in QUANTIZABLE_OPS:
+            continue
+        weight = _weight_of(node)
+        if weight is None:
+            ctx.kept_float[node.name] = "no constant weight input"
+            continue
+        pattern = _excluded_by(node, ctx.config.exclude)
+        if pattern is not None:
+            ctx.kept_float[node.name] = f"excluded by --exclude {pattern}"
+            continue
+        plan = plan_layer(node, weight)
+        if isinstance(plan, str):
+            ctx.kept_float[node.name] = plan
+            if "NaN" in plan:
+                ctx.warn(f"layer {node.name} kept float: {plan}")
+            continue
+        if plan.splittable and len(weight.outputs) > 1:
+            plan.splittable = False
+            plan.not_split_reason = f"weight shared by {len(weight.outputs)} nodes"
+        plan.original_weight = weight.values
+        ctx.layers.append(plan)
+
+
+PASS = Pass("select-layers", "choose the Conv/Gemm/MatMul layers to quantize and which may be split", run)

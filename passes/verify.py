@@ -1,0 +1,87 @@
+"""verify-onnxruntime: the output must load in onnxruntime, fuse into integer kernels, and run.
+
+onnxruntime (CPU provider, default optimization level) optimizes the QDQ model; the graph it
+will actually run is written with ``SessionOptions.optimized_model_filepath`` and the integer
+kernels in it are counted. The first calibration batch then runs through the quantized model
+and its outputs are compared with the float model's (SQNR in dB).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+
+from ocs_onnx.calibration import model_input_specs, prepare_feed, synthetic_batches
+from ocs_onnx.context import CompileContext
+from ocs_onnx.errors import VerificationError
+from ocs_onnx.model_io import graph_to_model
+from ocs_onnx.pass_manager import Pass
+from ocs_onnx.quant import sqnr_db
+
+from .calibrate import integer_input_limits
+
+# onnxruntime's integer kernels for Conv/Gemm/MatMul (CPU provider, any layout domain).
+INTEGER_KERNELS = frozenset(
+    {"QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "QGemm", "ConvInteger", "MatMulInteger", "DynamicQuantizeMatMul", "QAttention"}
+)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def optimized_op_counts(model_bytes: bytes) -> tuple[ort.InferenceSession, Counter]:
+    """A session on the model and the op types of the graph onnxruntime optimized it into."""
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(options.optimized_model_filepath)
+    return session, Counter(node.op_type for node in optimized.graph.node)
+
+
+def run(graph: gs.Graph, ctx: CompileContext) -> None:
+    if not ctx.config.verify:
+        return
+    model = graph_to_model(graph)
+    try:
+        session, ops = optimized_op_counts(model.SerializeToString())
+    except Exception as exc:
+        raise VerificationError(f"onnxruntime cannot load the compiled model: {_first_line(exc)}")
+    quantized = len(ctx.layers) if ctx.config.abits is not None else 0
+    integer = sum(count for op, count in ops.items() if op in INTEGER_KERNELS)
+    result = {
+        "quantized_layers": quantized,
+        "integer_kernels": integer,
+        "float_conv_gemm_matmul_left": sum(ops.get(op, 0) for op in ("Conv", "FusedConv", "Gemm", "MatMul", "FusedMatMul", "FusedGemm")),
+        "onnxruntime_version": ort.__version__,
+    }
+    specs = model_input_specs(model)
+    reference = ctx.reference_batch
+    if reference is not None:
+        feed = reference.feed
+    else:
+        batch = next((s.batch_dim for s in specs if s.batch_dim is not None), 1)
+        feed = next(synthetic_batches(specs, batch, batch, ctx.config.seed, integer_input_limits(graph)))
+    feed = prepare_feed(feed, specs, "verification batch")
+    try:
+        outputs = session.run(None, feed)
+    except Exception as exc:
+        raise VerificationError(f"onnxruntime cannot run the compiled model: {_first_line(exc)}")
+    names = [o.name for o in session.get_outputs()]
+    if not all(np.isfinite(o).all() for o in outputs if np.asarray(o).dtype.kind == "f"):
+        ctx.warn("the compiled model produced NaN or Inf on the verification batch")
+    if reference is not None:
+        result["output_sqnr_db"] = {n: sqnr_db(reference.outputs[n], o) for n, o in zip(names, outputs) if n in reference.outputs}
+    ctx.verification = result
+
+
+PASS = Pass("verify-onnxruntime", "load in onnxruntime, count integer kernels, compare outputs with the float model", run)
