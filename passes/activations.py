@@ -24,6 +24,8 @@ from ocs_onnx.pass_manager import Pass
 
 # Activations onnxruntime folds into the quantization of the tensor after them.
 FOLDABLE_ACTIVATIONS = ("Relu", "Clip")
+# Ops whose output holds a subset of their (first) input's values: they can run on 8-bit data.
+DATA_MOVEMENT_OPS = ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "MaxPool", "Identity")
 
 
 def _is_float(t: gs.Tensor) -> bool:
@@ -40,22 +42,45 @@ def _output_to_quantize(node: gs.Node, graph_outputs: set[str]) -> gs.Tensor:
     return out
 
 
+def _resolve_sources(planned: dict[str, str], tensors: dict[str, gs.Tensor], ctx: CompileContext) -> None:
+    """Points every planned tensor at the tensor whose parameters it must share.
+
+    Behind an OCS Gather, or a data-movement op whose input is quantized anyway, a tensor holds
+    a subset of that input's values: it takes the same parameters, so that onnxruntime drops the
+    pair around the op and moves 8-bit data.
+    """
+
+    def source(name: str) -> str:
+        if name in ctx.ocs_gathers:
+            upstream = ctx.ocs_gathers[name]
+            planned.setdefault(upstream, upstream)
+            return source(upstream)
+        producers = tensors[name].inputs
+        if len(producers) == 1 and producers[0].op in DATA_MOVEMENT_OPS and producers[0].inputs[0].name in planned:
+            return source(producers[0].inputs[0].name)
+        return name
+
+    for name in list(planned):
+        planned[name] = source(name)
+
+
 def run(graph: gs.Graph, ctx: CompileContext) -> None:
     ctx.activations = {}
     if ctx.config.abits is None:
         return
     graph_outputs = {t.name for t in graph.outputs}
+    planned: dict[str, str] = {}
     for plan in ctx.layers:
         x = plan.node.inputs[0]
         if not _is_float(x):
             continue
-        source = ctx.ocs_gathers.get(x.name, x.name)
-        ctx.activations.setdefault(source, source)
-        ctx.activations[x.name] = source
+        planned[x.name] = x.name
         if plan.op == "Conv":
             out = _output_to_quantize(plan.node, graph_outputs)
             if _is_float(out):
-                ctx.activations.setdefault(out.name, out.name)
+                planned[out.name] = out.name
+    _resolve_sources(planned, graph.tensors(), ctx)
+    ctx.activations = planned
 
 
 PASS = Pass("plan-activations", "choose the activation tensors to quantize (layer inputs, Conv outputs)", run)

@@ -59,7 +59,7 @@ def _quantize_bias(ctx: CompileContext, plan: LayerPlan, input_scale: float) -> 
     if bias.dtype != np.float32 or bias.shape != (out_channels,):
         return None
     # float32 product, as onnxruntime computes the accumulator scale.
-    bias_scale = np.float32(input_scale) * np.asarray(plan.scale, dtype=np.float32)
+    bias_scale = np.asarray(np.float32(input_scale) * np.asarray(plan.scale, dtype=np.float32), dtype=np.float32)
     levels = np.floor(bias.astype(np.float64) / bias_scale.astype(np.float64) + 0.5)
     if np.abs(levels).max(initial=0) > INT32_LIMIT:
         ctx.warn(f"layer {plan.name}: bias too large for int32 at this scale; bias kept float (layer may not fuse)")

@@ -1,0 +1,168 @@
+"""The ``ocs-onnx`` command: a thin layer over ``ocs_onnx.compile_file``.
+
+Every failure ends in one line on stderr and a documented exit code (see ``errors.py`` and the
+README); ``--debug`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .config import ACTIVATION_TYPES, GRANULARITIES, SPLIT_MODES, CompileConfig
+from .errors import INTERNAL, USAGE, OcsError, UsageError
+from .model_io import default_output_path
+
+log = logging.getLogger("ocs_onnx")
+
+
+class BitsOrNone(click.ParamType):
+    name = "BITS|none"
+
+    def convert(self, value, param, ctx):
+        if value is None or (isinstance(value, str) and value.lower() == "none"):
+            return None
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a bit width or 'none'", param, ctx)
+
+
+class _MessageFormatter(logging.Formatter):
+    """Plain text for information; 'ocs-onnx: warning: ...' for anything that needs attention."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.levelno == logging.INFO:
+            return record.getMessage()
+        return f"ocs-onnx: {record.levelname.lower()}: {record.getMessage()}"
+
+
+def _configure_logging(quiet: bool, verbose: int) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_MessageFormatter())
+    log.handlers[:] = [handler]
+    log.propagate = False
+    log.setLevel(logging.ERROR if quiet else logging.DEBUG if verbose else logging.INFO)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="ocs-onnx")
+def cli():
+    """Post-training quantization of ONNX models with Outlier Channel Splitting.
+
+    Run 'ocs-onnx compile --help' for the compiler's options.
+    """
+
+
+def _list_passes() -> None:
+    from .compiler import build_pass_manager
+
+    for index, p in enumerate(build_pass_manager().passes, start=1):
+        click.echo(f"{index:2d}. {p.name:26s} {p.summary}")
+
+
+@cli.command("compile")
+@click.argument("model", required=False, type=click.Path(dir_okay=True, path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output model [default: MODEL with suffix .q.onnx].")
+@click.option("--wbits", type=int, default=8, show_default=True, help="Weight bits (2-8).")
+@click.option("--abits", type=BitsOrNone(), default="8", show_default=True, help="Activation bits (2-8), or 'none' for weight-only quantization without calibration.")
+@click.option("--ratio", type=float, default=0.02, show_default=True, help="OCS expansion ratio r: ceil(r * C_in) channel splits per layer (0 disables OCS).")
+@click.option("--split", type=click.Choice(SPLIT_MODES), default="qa", show_default=True, help="Quantization-aware split (paper eq. 6) or naive halving.")
+@click.option("--granularity", type=click.Choice(GRANULARITIES), default="channel", show_default=True, help="One weight scale per output channel, or per tensor.")
+@click.option("--activation-type", type=click.Choice(ACTIVATION_TYPES), default="uint8", show_default=True, help="uint8 with zero point (asymmetric) or int8 symmetric activations.")
+@click.option("--calib-data", type=click.Path(path_type=Path), help=".npz (one array per model input, first axis = samples) or a folder of .npz/.npy files.")
+@click.option("--calib-samples", type=int, default=128, show_default=True, help="Use at most this many calibration samples.")
+@click.option("--calib-batch", type=int, default=16, show_default=True, help="Calibration batch size (a fixed batch dimension in the model wins).")
+@click.option("--exclude", multiple=True, metavar="PATTERN", help="Keep matching nodes float (glob on node name or op type; repeatable).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic calibration inputs.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON report here.")
+@click.option("--dump-after", multiple=True, metavar="PASS", help="Write the graph after this pass beside the output (repeatable).")
+@click.option("--no-verify", is_flag=True, help="Skip the onnxruntime check of the output.")
+@click.option("--list-passes", is_flag=True, help="Show the pass pipeline and exit.")
+@click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
+@click.option("-v", "--verbose", count=True, help="Print per-pass progress.")
+@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+def compile_command(model, output, wbits, abits, ratio, split, granularity, activation_type, calib_data, calib_samples, calib_batch, exclude, seed, report_path, dump_after, no_verify, list_passes, quiet, verbose, debug):
+    """Quantize MODEL (an .onnx file) into a QDQ model that onnxruntime runs on integer kernels."""
+    if list_passes:
+        _list_passes()
+        return
+    _configure_logging(quiet, verbose)
+    if model is None:
+        raise UsageError("missing MODEL: give the path of an .onnx file (see ocs-onnx compile --help)")
+    output = output if output is not None else default_output_path(model)
+    config = CompileConfig(
+        wbits=wbits,
+        abits=abits,
+        ratio=ratio,
+        split=split,
+        granularity=granularity,
+        activation_type=activation_type,
+        calib_data=calib_data,
+        calib_samples=calib_samples,
+        calib_batch=calib_batch,
+        exclude=tuple(exclude),
+        seed=seed,
+        verify=not no_verify,
+        dump_after=tuple(dump_after),
+    )
+    _check_output_paths(model, output, report_path)
+    from .compiler import compile_file
+    from .report import summary_text
+
+    output_path, report = compile_file(model, output, config, report_path=report_path)
+    log.info("%s", summary_text(report))
+    log.info("wrote %s%s", output_path, f" and {report_path}" if report_path else "")
+
+
+def _check_output_paths(model: Path, output: Path, report_path: Path | None) -> None:
+    """Fail before any work when an output could not be written or would hit the input."""
+    for path, flag in ((output, "-o"), (report_path, "--report")):
+        if path is None:
+            continue
+        folder = path.parent
+        if not folder.is_dir():
+            raise UsageError(f"{flag} {path}: folder {folder} does not exist")
+        if path.is_dir():
+            raise UsageError(f"{flag} {path}: is a folder")
+        if model.exists() and path.exists() and path.resolve() == model.resolve():
+            raise UsageError(f"{flag} {path}: is the input model; choose another path")
+
+
+def main(argv=None) -> int:
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, prog_name="ocs-onnx", standalone_mode=False)
+        return 0
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("ocs-onnx: aborted", err=True)
+        return 130
+    except click.UsageError as exc:
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+        click.echo(f"ocs-onnx: error: {exc.format_message()}{hint}", err=True)
+        return USAGE
+    except OcsError as exc:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"ocs-onnx: error: {exc.message}", err=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("ocs-onnx: interrupted", err=True)
+        return 130
+    except Exception as exc:  # a bug in ocs-onnx: say so in one line, keep the traceback for --debug
+        if debug:
+            traceback.print_exc()
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        click.echo(f"ocs-onnx: internal error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)", err=True)
+        return INTERNAL
+
+
+def entry_point() -> None:
+    sys.exit(main())
