@@ -25,6 +25,17 @@ def _round(value: float | None, digits: int = 3) -> float | None:
     return None if value is None else round(float(value), digits)
 
 
+def combined_sqnr_db(plans: list[LayerPlan], attribute: str) -> float | None:
+    """SQNR of all quantized weights taken together: total signal energy over total noise."""
+    signal = noise = 0.0
+    for plan in plans:
+        energy = float(np.sum(np.square(plan.original_weight, dtype=np.float64)))
+        value = getattr(plan, attribute)
+        signal += energy
+        noise += 0.0 if value is None else energy / 10 ** (value / 10)
+    return None if noise == 0.0 or signal == 0.0 else 10 * math.log10(signal / noise)
+
+
 def layer_entry(plan: LayerPlan, ctx: CompileContext) -> dict:
     original = plan.original_weight
     split_channels = plan.channel_origins[original.shape[plan.weight_in_axis] :] if plan.channel_origins else []
@@ -70,6 +81,10 @@ def build_report(ctx: CompileContext, model_in: onnx.ModelProto, model_out: onnx
             "quantized_weights_before": weights_before,
             "quantized_weights_after": weights_after,
             "weight_overhead": (weights_after / weights_before - 1.0) if weights_before else 0.0,
+            "weight_sqnr_db": {
+                "without_ocs": _round(combined_sqnr_db(ctx.layers, "sqnr_without_ocs_db")),
+                "with_ocs": _round(combined_sqnr_db(ctx.layers, "sqnr_with_ocs_db")),
+            },
             "parameters_before": params_before,
             "parameters_after": params_after,
             "model_bytes_before": model_in.ByteSize(),
@@ -123,6 +138,8 @@ def summary_text(report: dict) -> str:
         f"split {totals['split_layers']} layers (+{totals['channels_split']} channels, ratio {config['ratio']}, {config['split']} split); "
         f"weights {totals['quantized_weights_before']:,} -> {totals['quantized_weights_after']:,} (+{100 * totals['weight_overhead']:.2f} %)"
     )
+    sqnr = totals["weight_sqnr_db"]
+    lines.append(f"weight SQNR, all layers: {_db(sqnr['without_ocs']).strip()} without OCS, {_db(sqnr['with_ocs']).strip()} with OCS")
     if report["kept_float"]:
         lines.append(f"kept float: {len(report['kept_float'])} Conv/Gemm/MatMul nodes (see report)")
     calib = report["calibration"]

@@ -1,17 +1,12 @@
 """Tests for the ONNX test-model builders in models/builders.py."""
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root, for `models`
-
-from models.builders import ALL_TEST_MODELS, random_inputs  # noqa: E402
+from models.builders import ALL_TEST_MODELS, random_inputs
 
 # Expected output shape of "y" for a given (batch, seq).
 EXPECTED_Y_SHAPE = {

@@ -1,0 +1,206 @@
+"""What the compiler promises, checked end to end on real onnxruntime sessions."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import ocs_onnx
+from models import builders, digits
+from ocs_onnx import quant
+
+from .conftest import TEST_MODELS, feed_for, max_relative_error, run_model
+
+
+# --------------------------------------------------------------------------------------------
+# OCS without quantization computes the same function
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("split", ["qa", "naive"])
+@pytest.mark.parametrize("granularity", ["channel", "tensor"])
+def test_ocs_rewrite_without_quantization_computes_the_same_function(test_model, split, granularity):
+    name, model = test_model
+    # Stop after the split offsets are in place, before any value is quantized.
+    rewritten, report = ocs_onnx.compile(model, abits=None, wbits=4, ratio=0.2, split=split, granularity=granularity, stop_after="qa-split")
+    assert report["totals"]["channels_split"] > 0
+    assert any(n.op_type == "Gather" and n.name.endswith("_ocs_gather") for n in rewritten.graph.node)
+    feed = feed_for(name, model)
+    for expected, actual in zip(run_model(model, feed), run_model(rewritten, feed)):
+        assert expected.shape == actual.shape
+        assert max_relative_error(expected, actual) < 1e-5
+
+
+def test_a_copy_can_be_split_again_and_the_function_is_kept():
+    model = builders.mlp_gemm(sizes=(4, 8, 3))
+    rewritten, report = ocs_onnx.compile(model, abits=None, ratio=1.0, stop_after="qa-split")
+    splits = {layer["name"]: layer["split_channels"] for layer in report["layers"]}
+    assert any(len(set(c)) < len(c) for c in splits.values())  # some original channel split twice
+    feed = builders.random_inputs(model, batch=5)
+    assert max_relative_error(run_model(model, feed)[0], run_model(rewritten, feed)[0]) < 1e-5
+
+
+def test_layers_reading_the_same_tensor_with_the_same_splits_share_one_gather():
+    # q/k/v projections read the same tensor; with identical weights they pick identical channels
+    model = builders.transformer_block()
+    weights = {t.name: t for t in model.graph.initializer}
+    shared = onnx.numpy_helper.to_array(weights["attn.q_proj.weight"])
+    for name in ("attn.k_proj.weight", "attn.v_proj.weight"):
+        weights[name].CopyFrom(onnx.numpy_helper.from_array(shared, name))
+    rewritten, _ = ocs_onnx.compile(model, abits=None, ratio=0.05, stop_after="weight-ocs")
+    gathers = [n for n in rewritten.graph.node if n.op_type == "Gather" and n.name.endswith("_ocs_gather")]
+    assert [n.input[0] for n in gathers].count("x") == 1
+    inputs = {n.name: n.input[0] for n in rewritten.graph.node}
+    assert inputs["attn.q_proj/matmul"] == inputs["attn.k_proj/matmul"] == inputs["attn.v_proj/matmul"] == gathers[0].output[0]
+
+
+# --------------------------------------------------------------------------------------------
+# OCS improves weight quantization error, at a bounded size overhead
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [6, 5, 4])
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_ocs_improves_weight_sqnr_over_no_splitting(test_model, bits, granularity):
+    name, model = test_model
+    _, with_ocs = ocs_onnx.compile(model, wbits=bits, abits=None, ratio=0.02, granularity=granularity, verify=False)
+    _, without = ocs_onnx.compile(model, wbits=bits, abits=None, ratio=0.0, granularity=granularity, verify=False)
+    # ratio 0: the report's two figures agree; the plain figures match the ratio-0 compile
+    for plain, layer in zip(without["layers"], with_ocs["layers"]):
+        assert plain["sqnr_db"]["with_ocs"] == plain["sqnr_db"]["without_ocs"] == layer["sqnr_db"]["without_ocs"]
+    split_layers = [layer for layer in with_ocs["layers"] if layer["split"]]
+    assert split_layers
+    gains = [layer["sqnr_db"]["with_ocs"] - layer["sqnr_db"]["without_ocs"] for layer in split_layers]
+    # Most layers gain, and the model as a whole gains; a single layer whose two largest
+    # channels are nearly equal can lose a fraction of a dB to a new rounding pattern.
+    assert sum(g > 0 for g in gains) >= len(gains) / 2
+    assert min(gains) > -0.5
+    total = with_ocs["totals"]["weight_sqnr_db"]
+    assert total["with_ocs"] > total["without_ocs"]
+
+
+@pytest.mark.parametrize("ratio", [0.01, 0.02, 0.05])
+def test_weight_overhead_stays_within_ratio_plus_one_percent(ratio):
+    # ceil(r * C) adds at most one channel beyond r * C: within r + 1 % once layers have >= 100 inputs
+    for model in (builders.conv_bn_residual_net(channels=128), builders.mlp_gemm(sizes=(128, 256, 256, 10)), builders.transformer_block(d_model=128, d_ff=256)):
+        _, report = ocs_onnx.compile(model, wbits=6, abits=None, ratio=ratio, verify=False)
+        assert 0 < report["totals"]["weight_overhead"] <= ratio + 0.01
+
+
+# --------------------------------------------------------------------------------------------
+# The quantized model runs on integer kernels and keeps the task accuracy
+# --------------------------------------------------------------------------------------------
+
+
+def test_quantized_layers_run_as_integer_kernels_in_onnxruntime(test_model):
+    name, model = test_model
+    calib = {"calib_data": digits.CALIBRATION} if name == "digits_cnn" else {}
+    quantized, report = ocs_onnx.compile(model, wbits=6, ratio=0.02, **calib)
+    info = report["onnxruntime"]
+    assert info["quantized_layers"] == len(report["layers"]) > 0
+    assert info["integer_kernels"] >= 0.9 * info["quantized_layers"]
+    outputs = run_model(quantized, feed_for(name, model))
+    assert all(np.isfinite(o).all() for o in outputs)
+
+
+@pytest.mark.parametrize("activation_type", ["uint8", "int8"])
+def test_both_activation_types_fuse_on_a_transformer(activation_type):
+    _, report = ocs_onnx.compile(builders.transformer_block(), activation_type=activation_type)
+    assert report["onnxruntime"]["integer_kernels"] == report["onnxruntime"]["quantized_layers"] == 6
+
+
+def test_demo_model_keeps_accuracy_within_one_point_at_w8a8():
+    float_accuracy = digits.accuracy(digits.MODEL)
+    quantized, report = ocs_onnx.compile(str(digits.MODEL), wbits=8, abits=8, calib_data=digits.CALIBRATION)
+    assert report["calibration"]["source"] == str(digits.CALIBRATION)
+    assert digits.accuracy(quantized) >= float_accuracy - 1.0
+
+
+def test_weight_only_quantization_needs_no_calibration():
+    quantized, report = ocs_onnx.compile(str(digits.MODEL), wbits=6, abits=None)
+    assert report["calibration"]["samples"] == 0 and not report["activations"]
+    assert not any(n.op_type == "QuantizeLinear" for n in quantized.graph.node)
+    assert digits.accuracy(quantized) >= digits.accuracy(digits.MODEL) - 1.0
+
+
+def test_without_calibration_data_synthetic_inputs_are_used_and_reported():
+    _, report = ocs_onnx.compile(builders.token_embedding_net(vocab=50))
+    assert report["calibration"]["source"] == "synthetic"
+    assert any("synthetic" in w for w in report["warnings"])
+
+
+def test_weights_are_int8_within_the_bit_width_with_zero_points_zero():
+    quantized, _ = ocs_onnx.compile(builders.mlp_gemm(), wbits=4, abits=None)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in quantized.graph.initializer}
+    int8 = [v for k, v in inits.items() if k.endswith("_int8")]
+    assert int8 and all(v.dtype == np.int8 and np.abs(v).max() <= 7 for v in int8)
+    assert all(np.all(v == 0) for k, v in inits.items() if k.endswith("_zero_point"))
+
+
+# --------------------------------------------------------------------------------------------
+# Normalization
+# --------------------------------------------------------------------------------------------
+
+
+def test_batchnorm_is_folded_into_conv_and_constants_become_initializers():
+    _, report = ocs_onnx.compile(builders.conv_bn_residual_net(), abits=None)
+    assert report["normalization"]["batchnorms_folded"] == 6
+    model = builders.constant_weights_net()
+    quantized, report = ocs_onnx.compile(model, abits=None)
+    assert report["normalization"]["constant_nodes_folded"] == 4
+    assert report["normalization"]["opset_in"] == 11 and report["normalization"]["opset_out"] == 13
+    assert len(report["layers"]) == 2
+    assert not any(n.op_type == "Constant" for n in quantized.graph.node)
+
+
+def test_dynamic_batch_and_sequence_dimensions_stay_dynamic():
+    quantized, _ = ocs_onnx.compile(builders.transformer_block())
+    dims = [d.dim_param for d in quantized.graph.input[0].type.tensor_type.shape.dim[:2]]
+    assert dims == ["batch", "seq"]
+    for batch, seq in ((1, 3), (4, 17)):
+        (y,) = run_model(quantized, builders.random_inputs(quantized, batch=batch, seq=seq))
+        assert y.shape == (batch, seq, 32)
+
+
+def test_depthwise_and_grouped_convs_are_quantized_but_not_split():
+    _, report = ocs_onnx.compile(builders.conv_bn_residual_net(), abits=None, ratio=0.5)
+    grouped = {layer["name"]: layer for layer in report["layers"] if layer["not_split_reason"]}
+    assert set(grouped) == {"dw/conv", "pw_grouped/conv"}
+    assert "depthwise" in grouped["dw/conv"]["not_split_reason"]
+    assert all(layer["channels_split"] == 0 for layer in grouped.values())
+
+
+def test_excluded_nodes_stay_float():
+    _, report = ocs_onnx.compile(builders.transformer_block(), exclude=("ffn.*", "Gemm"))
+    names = {layer["name"] for layer in report["layers"]}
+    assert names == {"attn.q_proj/matmul", "attn.k_proj/matmul", "attn.v_proj/matmul", "attn.out_proj/matmul"}
+    assert report["kept_float"]["ffn.fc1/matmul"] == "excluded by --exclude ffn.*"
+
+
+# --------------------------------------------------------------------------------------------
+# Determinism
+# --------------------------------------------------------------------------------------------
+
+
+def test_compiling_twice_gives_identical_bytes():
+    first, _ = ocs_onnx.compile(str(digits.MODEL), wbits=5, ratio=0.05, calib_data=digits.CALIBRATION)
+    second, _ = ocs_onnx.compile(str(digits.MODEL), wbits=5, ratio=0.05, calib_data=digits.CALIBRATION)
+    assert first.SerializeToString(deterministic=True) == second.SerializeToString(deterministic=True)
+
+
+def test_the_input_model_object_is_not_modified():
+    model = builders.conv_bn_residual_net()
+    before = model.SerializeToString()
+    ocs_onnx.compile(model, wbits=4)
+    assert model.SerializeToString() == before
+
+
+def test_report_sqnr_matches_an_independent_computation():
+    model = builders.mlp_gemm()
+    _, report = ocs_onnx.compile(model, wbits=5, abits=None, ratio=0.0, granularity="tensor")
+    w = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "fc1.weight"))
+    scale = np.abs(w).max() / 15
+    expected = quant.sqnr_db(w, np.clip(np.floor(w / scale + 0.5), -15, 15) * scale)
+    layer = next(layer for layer in report["layers"] if layer["name"] == "fc1/gemm")
+    assert layer["sqnr_db"]["without_ocs"] == pytest.approx(expected, abs=1e-3)

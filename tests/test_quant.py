@@ -1,0 +1,128 @@
+"""The numeric conventions of ocs-onnx, checked on plain arrays."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ocs_onnx import quant
+
+
+def test_symmetric_grid_has_2_to_the_k_minus_1_points():
+    assert [quant.symmetric_qmax(k) for k in range(2, 9)] == [1, 3, 7, 15, 31, 63, 127]
+
+
+@pytest.mark.parametrize("bits", [1, 9, 0, -3])
+def test_bits_outside_2_to_8_are_refused(bits):
+    with pytest.raises(ValueError):
+        quant.symmetric_qmax(bits)
+
+
+def test_rounding_is_half_up_and_clamped_symmetric():
+    scale = np.float64(1.0)
+    w = np.array([0.5, 1.5, -0.5, -1.5, 2.49, 100.0, -100.0])
+    assert quant.quantize_symmetric(w, scale, bits=4).tolist() == [1, 2, 0, -1, 2, 7, -7]
+
+
+def test_scale_is_max_abs_over_qmax_per_tensor_and_per_channel():
+    w = np.array([[1.0, -4.0], [0.5, 2.0]], dtype=np.float32)
+    assert quant.symmetric_scale(quant.max_abs(w, None), 8) == pytest.approx(4.0 / 127)
+    np.testing.assert_allclose(quant.symmetric_scale(quant.max_abs(w, 0), 8), [4.0 / 127, 2.0 / 127])
+
+
+def test_all_zero_weights_get_a_nonzero_scale_and_quantize_to_zero():
+    w = np.zeros((3, 4), dtype=np.float32)
+    scale = quant.symmetric_scale(quant.max_abs(w, 0), 6)
+    assert np.all(scale > 0)
+    assert np.all(quant.quantize_symmetric(w, scale, 6, axis=0) == 0)
+
+
+def test_qa_split_keeps_the_quantized_value_exactly():
+    """Paper eq. 7: Q((w - s/2)/2) + Q((w + s/2)/2) == Q(w) for any w and scale."""
+    rng = np.random.default_rng(0)
+    for bits in (2, 4, 6, 8):
+        w = rng.laplace(size=20000) * rng.uniform(0.01, 10)
+        scale = np.float64(rng.uniform(0.001, 1.0))
+        # unclamped levels: the identity is about rounding; the pieces of a split stay in range
+        q = lambda x: np.floor(x / scale + 0.5)  # noqa: E731
+        a, b = (w - scale / 2) / 2, (w + scale / 2) / 2
+        assert np.array_equal(q(a) + q(b), q(w)), bits
+
+
+def test_naive_split_does_not_always_keep_the_quantized_value():
+    """w = 3 steps: each half is 1.5 steps and both round up, giving 4."""
+    scale = np.float64(1.0)
+    q = lambda x: np.floor(x / scale + 0.5)  # noqa: E731
+    w = np.random.default_rng(1).uniform(-20, 20, size=1000)
+    assert not np.array_equal(q(w / 2) + q(w / 2), q(w))
+    assert q(np.float64(1.5)) * 2 != q(np.float64(3.0))
+
+
+def test_split_count_is_ceil_of_ratio_times_channels():
+    assert quant.split_count(0.02, 64) == 2
+    assert quant.split_count(0.02, 50) == 1
+    assert quant.split_count(0.07, 100) == 7  # not 8: 0.07 * 100 is 7.000000000000001 in floats
+    assert quant.split_count(0.0, 64) == 0
+    assert quant.split_count(0.5, 1) == 1
+
+
+def test_channel_selection_takes_the_largest_channel_and_may_split_a_copy_again():
+    w = np.array([[1.0, 8.0, 3.0]], dtype=np.float32)  # input channels along axis 1
+    # 8 -> 4,4 ; then the copy of 4 vs 4: first index wins (channel 1), then 3
+    splits = quant.plan_channel_splits(w, in_axis=1, n_splits=3)
+    assert splits == [1, 1, 3]
+    assert quant.channel_origins(3, splits) == [0, 1, 2, 1, 1, 1]
+
+
+def test_split_pieces_add_up_to_the_original_channel():
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((5, 7, 3, 3)).astype(np.float32)
+    splits = quant.plan_channel_splits(w, 1, 4)
+    origins = quant.channel_origins(7, splits)
+    for qa_scale in (None, np.float64(0.05), np.linspace(0.01, 0.1, 5)):
+        split = quant.apply_channel_splits(w, 1, splits, qa_scale=qa_scale, out_axis=0)
+        assert split.shape == (5, 11, 3, 3)
+        np.testing.assert_allclose(quant.merge_split_channels(split, 1, origins, 7), w, rtol=1e-6, atol=1e-7)
+
+
+def test_splitting_shrinks_the_range_and_the_scale():
+    w = np.ones((4, 8), dtype=np.float32)
+    w[2, 5] = 10.0  # one outlier, input channels along axis 1
+    splits = quant.plan_channel_splits(w, 1, 1)
+    split = quant.apply_channel_splits(w, 1, splits)
+    assert np.abs(split).max() == pytest.approx(5.0)
+
+
+def test_qa_split_quantizes_like_the_unsplit_weight_with_the_same_scale():
+    """With the scale fixed, QA splitting leaves Q(merged) == Q(w): no extra rounding error."""
+    rng = np.random.default_rng(3)
+    w = rng.laplace(size=(16, 32)).astype(np.float32)
+    splits = quant.plan_channel_splits(w, 0, 6)
+    naive = quant.apply_channel_splits(w, 0, splits)
+    scale = quant.symmetric_scale(quant.max_abs(naive, None), 4)
+    qa = quant.apply_channel_splits(w, 0, splits, qa_scale=scale)
+    origins = quant.channel_origins(16, splits)
+    q_pieces = quant.quantize_symmetric(qa, scale, 4).astype(np.float64)
+    merged_levels = quant.merge_split_channels(q_pieces, 0, origins, 16)
+    unclamped = np.floor(w.astype(np.float64) / scale + 0.5)
+    assert np.array_equal(merged_levels, unclamped)
+
+
+def test_sqnr_is_none_when_exact_and_grows_with_bits():
+    w = np.random.default_rng(4).standard_normal(1000)
+    assert quant.sqnr_db(w, w) is None
+    values = [quant.sqnr_db(w, quant.fake_quantize_symmetric(w, quant.symmetric_scale(quant.max_abs(w, None), k), k)) for k in (4, 6, 8)]
+    assert values[0] < values[1] < values[2]
+
+
+def test_asymmetric_activation_range_always_contains_zero():
+    qp = quant.asymmetric_uint8_qparams(0.5, 2.0, 8)  # min > 0: extended down to 0
+    assert qp.zero_point == 0 and qp.scale == pytest.approx(2.0 / 255, rel=1e-6)
+    qp = quant.asymmetric_uint8_qparams(-1.0, 3.0, 8)
+    assert qp.zero_point == 64 and qp.dtype == np.uint8
+    assert quant.asymmetric_uint8_qparams(0.0, 0.0, 8).scale == 1.0
+
+
+def test_symmetric_activation_uses_zero_point_zero():
+    qp = quant.symmetric_int8_qparams(-2.0, 1.0, 8)
+    assert qp.zero_point == 0 and qp.dtype == np.int8 and qp.scale == pytest.approx(2.0 / 127, rel=1e-6)
