@@ -82,12 +82,13 @@ def _list_passes() -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic calibration inputs.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON report here.")
 @click.option("--dump-after", multiple=True, metavar="PASS", help="Write the graph after this pass beside the output (repeatable).")
+@click.option("--reduce-range/--no-reduce-range", default=None, help="8-bit weights on a +-63 grid so uint8 x int8 kernels cannot overflow on CPUs without VNNI [default: on for W8A8].")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime check of the output.")
 @click.option("--list-passes", is_flag=True, help="Show the pass pipeline and exit.")
 @click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
 @click.option("-v", "--verbose", count=True, help="Print per-pass progress.")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
-def compile_command(model, output, wbits, abits, ratio, split, granularity, activation_type, calib_data, calib_samples, calib_batch, exclude, seed, report_path, dump_after, no_verify, list_passes, quiet, verbose, debug):
+def compile_command(model, output, wbits, abits, ratio, split, granularity, activation_type, calib_data, calib_samples, calib_batch, exclude, seed, report_path, dump_after, reduce_range, no_verify, list_passes, quiet, verbose, debug):
     """Quantize MODEL (an .onnx file) into a QDQ model that onnxruntime runs on integer kernels."""
     if list_passes:
         _list_passes()
@@ -108,6 +109,7 @@ def compile_command(model, output, wbits, abits, ratio, split, granularity, acti
         calib_batch=calib_batch,
         exclude=tuple(exclude),
         seed=seed,
+        reduce_range=reduce_range,
         verify=not no_verify,
         dump_after=tuple(dump_after),
     )

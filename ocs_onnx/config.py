@@ -32,6 +32,11 @@ class CompileConfig:
     # Glob patterns on node names or op types; matching nodes stay float.
     exclude: tuple[str, ...] = ()
     seed: int = 0
+    # Store 8-bit weights on a 7-bit grid (+-63) so that onnxruntime's uint8 x int8 kernels
+    # cannot overflow their 16-bit pair sums on x86 CPUs without VNNI (AVX2). None = automatic:
+    # on when weights are 8-bit and activations are quantized to 8 bits (the only case that can
+    # overflow: 2 x 255 x 127 > 32767, while 2 x 255 x 63 and 2 x 127 x 127 fit).
+    reduce_range: bool | None = None
     # Verify the output in onnxruntime (load, count integer kernels, run one batch).
     verify: bool = True
     # Stop the pipeline after this pass (for debugging and for equivalence tests).
@@ -56,11 +61,23 @@ class CompileConfig:
         object.__setattr__(self, "exclude", tuple(self.exclude))
         object.__setattr__(self, "dump_after", tuple(self.dump_after))
 
+    @property
+    def weight_bits(self) -> int:
+        """The bit width of the weight grid actually used (7 for 8-bit weights in reduced range)."""
+        return 7 if self.wbits == 8 and self.reduces_range else self.wbits
+
+    @property
+    def reduces_range(self) -> bool:
+        if self.reduce_range is None:
+            return self.wbits == 8 and self.abits == 8
+        return bool(self.reduce_range) and self.wbits == 8
+
     def as_dict(self) -> dict:
         d = asdict(self)
         d["calib_data"] = str(self.calib_data) if self.calib_data is not None else None
         d["exclude"] = list(self.exclude)
         d["dump_after"] = list(self.dump_after)
+        d["reduce_range"] = self.reduces_range
         return d
 
 

@@ -48,7 +48,7 @@ def layer_entry(plan: LayerPlan, ctx: CompileContext) -> dict:
         "not_split_reason": plan.not_split_reason,
         "channels_split": len(plan.splits),
         "split_channels": [int(c) for c in split_channels],
-        "bits": ctx.config.wbits,
+        "bits": ctx.config.weight_bits,
         "granularity": ctx.config.granularity,
         "scale": _scale_value(plan.scale) if plan.scale is not None else None,
         "sqnr_db": {"without_ocs": _round(plan.sqnr_without_ocs_db), "with_ocs": _round(plan.sqnr_with_ocs_db)},
@@ -132,6 +132,8 @@ def summary_text(report: dict) -> str:
     if any(layer["not_split_reason"] for layer in report["layers"]):
         lines.append("  no* = not splittable (reason in the JSON report)")
     totals = report["totals"]
+    if config["reduce_range"]:
+        lines.append("8-bit weights use the reduced range +-63 (7-bit grid) so onnxruntime's uint8 x int8 kernels cannot overflow on CPUs without VNNI; --no-reduce-range keeps +-127")
     abits = "none" if config["abits"] is None else config["abits"]
     lines.append(
         f"quantized {totals['quantized_layers']} layers at W{config['wbits']}A{abits} ({config['granularity']} scales), "

@@ -1,7 +1,8 @@
 """quantize-weights: every selected layer's weight becomes an int8 initializer read through a
 DequantizeLinear (zero point 0; per-channel scales along the output-channel axis).
 
-Values use ``2^(k-1) - 1`` levels each side for k = ``--wbits``, stored in int8 whatever k is.
+Values use ``2^(k-1) - 1`` levels each side for k = ``--wbits`` (7 for 8-bit weights in reduced
+range, see ``CompileConfig.reduce_range``), stored in int8 whatever k is.
 The report's weight SQNR compares the original weight with the weight the quantized layer
 effectively applies (split pieces summed back), and with plain quantization without OCS.
 """
@@ -50,7 +51,7 @@ def _dequantize_node(ctx: CompileContext, plan: LayerPlan, q: np.ndarray, axis: 
 
 
 def run(graph: gs.Graph, ctx: CompileContext) -> None:
-    bits = ctx.config.wbits
+    bits = ctx.config.weight_bits
     done: dict[int, gs.Node] = {}  # a weight shared by several layers is quantized once
     for plan in ctx.layers:
         axis = scale_axis(plan, ctx.config.granularity)

@@ -32,6 +32,11 @@ INTEGER_KERNELS = frozenset(
 )
 
 
+# Integer kernels and the QDQ float simulation differ only by requantization rounding, far
+# above this; below it something overflowed.
+KERNEL_AGREEMENT_WARN_DB = 25.0
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -81,7 +86,27 @@ def run(graph: gs.Graph, ctx: CompileContext) -> None:
         ctx.warn("the compiled model produced NaN or Inf on the verification batch")
     if reference is not None:
         result["output_sqnr_db"] = {n: sqnr_db(reference.outputs[n], o) for n, o in zip(names, outputs) if n in reference.outputs}
+    if integer:
+        # The same QDQ model without graph optimizations runs DequantizeLinear + float ops: the
+        # exact arithmetic the model specifies. The integer kernels must agree with it; a large
+        # gap means a kernel overflowed (e.g. 16-bit pair sums of uint8 x int8 on AVX2).
+        simulated = _unoptimized_session(model.SerializeToString()).run(None, feed)
+        agreement = {n: sqnr_db(s, o) for n, s, o in zip(names, simulated, outputs)}
+        result["integer_kernels_vs_qdq_sqnr_db"] = agreement
+        worst = min((v for v in agreement.values() if v is not None), default=None)
+        if worst is not None and worst < KERNEL_AGREEMENT_WARN_DB:
+            ctx.warn(
+                f"onnxruntime's integer kernels deviate from the QDQ arithmetic (output SQNR {worst:.1f} dB between them): "
+                "likely 16-bit overflow in uint8 x int8 kernels on this CPU; try --reduce-range or lower --wbits/--abits"
+            )
     ctx.verification = result
+
+
+def _unoptimized_session(model_bytes: bytes) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
 
 
 PASS = Pass("verify-onnxruntime", "load in onnxruntime, count integer kernels, compare outputs with the float model", run)

@@ -21,7 +21,7 @@ def scale_axis(plan: LayerPlan, granularity: str) -> int | None:
 def run(graph: gs.Graph, ctx: CompileContext) -> None:
     for plan in ctx.layers:
         axis = scale_axis(plan, ctx.config.granularity)
-        plan.scale = symmetric_scale(max_abs(plan.weight.values, axis), ctx.config.wbits)
+        plan.scale = symmetric_scale(max_abs(plan.weight.values, axis), ctx.config.weight_bits)
 
 
 PASS = Pass("weight-scales", "compute weight scales (per tensor or per output channel) after splitting", run)
