@@ -63,8 +63,9 @@ class CompileContext:
     # Activation tensors to quantize: {tensor name: name of the tensor whose statistics it uses}.
     # A tensor behind an OCS Gather shares the parameters of the tensor before it.
     activations: dict[str, str] = field(default_factory=dict)
-    # OCS Gathers inserted by weight-ocs: {gathered tensor name: source tensor name}.
-    ocs_gathers: dict[str, str] = field(default_factory=dict)
+    # Tensors made by weight-ocs to duplicate input channels (the Gather of the split channels
+    # and the Concat that appends them): {tensor name: the tensor whose channels they copy}.
+    ocs_duplicates: dict[str, str] = field(default_factory=dict)
     # Calibration: {observed tensor name: (min, max)}, and where the samples came from.
     activation_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     activation_qparams: dict[str, ActivationQParams] = field(default_factory=dict)

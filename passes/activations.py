@@ -4,9 +4,9 @@ onnxruntime turns a layer into an integer kernel when its inputs come from Dequa
 for Conv, its output goes into a QuantizeLinear (QLinearConv). MatMul and Gemm fuse with a
 float output (MatMulIntegerToFloat, QGemm). So we quantize:
 
-* the data input of every quantized layer; behind an OCS Gather, both the Gather's input and
-  output, with the same parameters, so that onnxruntime drops the pair around the Gather and
-  the Gather moves 8-bit values;
+* the data input of every quantized layer; behind OCS's Gather + Concat, their input and
+  outputs, all with the same parameters, so that onnxruntime drops the pair around the Gather,
+  runs the Concat as QLinearConcat, and moves 8-bit values;
 * the output of every quantized Conv. When that output only feeds a Relu or Clip, the
   activation's output is quantized instead: with a uint8 zero point at the bottom of the
   range, onnxruntime removes the Relu/Clip and QLinearConv clamps for free.
@@ -51,8 +51,8 @@ def _resolve_sources(planned: dict[str, str], tensors: dict[str, gs.Tensor], ctx
     """
 
     def source(name: str) -> str:
-        if name in ctx.ocs_gathers:
-            upstream = ctx.ocs_gathers[name]
+        if name in ctx.ocs_duplicates:
+            upstream = ctx.ocs_duplicates[name]
             planned.setdefault(upstream, upstream)
             return source(upstream)
         producers = tensors[name].inputs
@@ -79,6 +79,10 @@ def run(graph: gs.Graph, ctx: CompileContext) -> None:
             out = _output_to_quantize(plan.node, graph_outputs)
             if _is_float(out):
                 planned[out.name] = out.name
+    # Every OCS duplicate feeds a quantized layer: quantizing all of them with their source's
+    # parameters lets onnxruntime run the Gather and the Concat (QLinearConcat) on 8-bit data.
+    for name in ctx.ocs_duplicates:
+        planned.setdefault(name, name)
     _resolve_sources(planned, graph.tensors(), ctx)
     ctx.activations = planned
 

@@ -52,7 +52,8 @@ def test_layers_reading_the_same_tensor_with_the_same_splits_share_one_gather():
     gathers = [n for n in rewritten.graph.node if n.op_type == "Gather" and n.name.endswith("_ocs_gather")]
     assert [n.input[0] for n in gathers].count("x") == 1
     inputs = {n.name: n.input[0] for n in rewritten.graph.node}
-    assert inputs["attn.q_proj/matmul"] == inputs["attn.k_proj/matmul"] == inputs["attn.v_proj/matmul"] == gathers[0].output[0]
+    concat = next(n for n in rewritten.graph.node if n.op_type == "Concat" and gathers[0].output[0] in n.input)
+    assert inputs["attn.q_proj/matmul"] == inputs["attn.k_proj/matmul"] == inputs["attn.v_proj/matmul"] == concat.output[0]
 
 
 # --------------------------------------------------------------------------------------------
