@@ -4,8 +4,8 @@ onnxruntime turns a layer into an integer kernel when its inputs come from Dequa
 for Conv, its output goes into a QuantizeLinear (QLinearConv). MatMul and Gemm fuse with a
 float output (MatMulIntegerToFloat, QGemm). So we quantize:
 
-* the data input of every quantized layer; behind OCS's Gather + Concat, their input and
-  outputs, all with the same parameters, so that onnxruntime drops the pair around the Gather,
+* the data input of every quantized layer; behind OCS's Slice + Concat, their input and
+  outputs, all with the same parameters, so that onnxruntime drops the pairs around the Slices,
   runs the Concat as QLinearConcat, and moves 8-bit values;
 * the output of every quantized Conv. When that output only feeds a Relu or Clip, the
   activation's output is quantized instead: with a uint8 zero point at the bottom of the
@@ -80,7 +80,7 @@ def run(graph: gs.Graph, ctx: CompileContext) -> None:
             if _is_float(out):
                 planned[out.name] = out.name
     # Every OCS duplicate feeds a quantized layer: quantizing all of them with their source's
-    # parameters lets onnxruntime run the Gather and the Concat (QLinearConcat) on 8-bit data.
+    # parameters lets onnxruntime run the Slices and the Concat (QLinearConcat) on 8-bit data.
     for name in ctx.ocs_duplicates:
         planned.setdefault(name, name)
     _resolve_sources(planned, graph.tensors(), ctx)

@@ -25,7 +25,7 @@ def test_ocs_rewrite_without_quantization_computes_the_same_function(test_model,
     # Stop after the split offsets are in place, before any value is quantized.
     rewritten, report = ocs_onnx.compile(model, abits=None, wbits=4, ratio=0.2, split=split, granularity=granularity, stop_after="qa-split")
     assert report["totals"]["channels_split"] > 0
-    assert any(n.op_type == "Gather" and n.name.endswith("_ocs_gather") for n in rewritten.graph.node)
+    assert any(n.op_type == "Concat" and n.name.endswith("_ocs_concat") for n in rewritten.graph.node)
     feed = feed_for(name, model)
     for expected, actual in zip(run_model(model, feed), run_model(rewritten, feed)):
         assert expected.shape == actual.shape
@@ -41,7 +41,7 @@ def test_a_copy_can_be_split_again_and_the_function_is_kept():
     assert max_relative_error(run_model(model, feed)[0], run_model(rewritten, feed)[0]) < 1e-5
 
 
-def test_layers_reading_the_same_tensor_with_the_same_splits_share_one_gather():
+def test_layers_reading_the_same_tensor_with_the_same_splits_share_one_widened_input():
     # q/k/v projections read the same tensor; with identical weights they pick identical channels
     model = builders.transformer_block()
     weights = {t.name: t for t in model.graph.initializer}
@@ -49,11 +49,11 @@ def test_layers_reading_the_same_tensor_with_the_same_splits_share_one_gather():
     for name in ("attn.k_proj.weight", "attn.v_proj.weight"):
         weights[name].CopyFrom(onnx.numpy_helper.from_array(shared, name))
     rewritten, _ = ocs_onnx.compile(model, abits=None, ratio=0.05, stop_after="weight-ocs")
-    gathers = [n for n in rewritten.graph.node if n.op_type == "Gather" and n.name.endswith("_ocs_gather")]
-    assert [n.input[0] for n in gathers].count("x") == 1
+    concats = [n for n in rewritten.graph.node if n.op_type == "Concat" and n.name.endswith("_ocs_concat")]
+    of_x = [n for n in concats if n.input[0] == "x"]
+    assert len(of_x) == 1
     inputs = {n.name: n.input[0] for n in rewritten.graph.node}
-    concat = next(n for n in rewritten.graph.node if n.op_type == "Concat" and gathers[0].output[0] in n.input)
-    assert inputs["attn.q_proj/matmul"] == inputs["attn.k_proj/matmul"] == inputs["attn.v_proj/matmul"] == concat.output[0]
+    assert inputs["attn.q_proj/matmul"] == inputs["attn.k_proj/matmul"] == inputs["attn.v_proj/matmul"] == of_x[0].output[0]
 
 
 # --------------------------------------------------------------------------------------------
