@@ -25,6 +25,8 @@ def run(graph: gs.Graph, ctx: CompileContext) -> gs.Graph | None:
         onnx.checker.check_model(upgraded)
     except Exception as exc:  # the converter raises bare RuntimeErrors and checker errors
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # the converter's assertions start with its source location: keep what failed
+        reason = reason.split("failed:", 1)[-1].strip()
         raise UnsupportedModelError(
             f"cannot upgrade the model from opset {graph.opset} to {MIN_OPSET} "
             f"(needed for per-channel DequantizeLinear): {reason}"

@@ -87,6 +87,26 @@ def test_dump_after_writes_the_graph_after_that_pass(demo, tmp_path, capsys):
     assert not any(n.op_type == "DequantizeLinear" for n in dumped.graph.node)
 
 
+def _old_opset_model(path: Path) -> Path:
+    """Opset 7 BatchNormalization with spatial=0, which no later opset can express."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    stats = ("scale", "bias", "mean", "var")
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])]
+    inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, [3]) for n in stats]
+    graph = helper.make_graph(
+        [helper.make_node("BatchNormalization", ["x", *stats], ["y"], spatial=0)],
+        "old",
+        inputs,
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])],
+        [numpy_helper.from_array(np.ones(3, np.float32), n) for n in stats],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 7)])
+    model.ir_version = 3
+    onnx.save(model, str(path))
+    return path
+
+
 def _write_npz(path: Path, **arrays) -> Path:
     np.savez(path, **arrays)
     return path
@@ -98,6 +118,7 @@ BAD_INPUTS = {
     "empty file": (lambda d: [(d / "empty.onnx").write_bytes(b"") or d / "empty.onnx"], errors.INVALID_MODEL),
     "random bytes": (lambda d: [(d / "r.onnx").write_bytes(np.random.default_rng(0).bytes(4096)) or d / "r.onnx"], errors.INVALID_MODEL),
     "truncated model": (lambda d: [(d / "t.onnx").write_bytes(digits.MODEL.read_bytes()[:5000]) or d / "t.onnx"], errors.INVALID_MODEL),
+    "opset that cannot be upgraded": (lambda d: [_old_opset_model(d / "old.onnx")], errors.UNSUPPORTED_MODEL),
     "wbits too high": (lambda d: [d / "digits_cnn.onnx", "--wbits", "9"], errors.USAGE),
     "wbits too low": (lambda d: [d / "digits_cnn.onnx", "--wbits", "1"], errors.USAGE),
     "abits too high": (lambda d: [d / "digits_cnn.onnx", "--abits", "16"], errors.USAGE),
@@ -133,7 +154,7 @@ def test_bad_input_gives_one_line_error_exit_code_and_no_output(case, demo, tmp_
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ocs-onnx: error: "), err
     assert "Traceback" not in err
-    new_files = sorted(set(p.name for p in tmp_path.iterdir()) - set(listing_before) - {"c.npz", "empty.onnx", "r.onnx", "t.onnx"})
+    new_files = sorted(set(p.name for p in tmp_path.iterdir()) - set(listing_before) - {"c.npz", "empty.onnx", "r.onnx", "t.onnx", "old.onnx"})
     assert new_files == []
     assert sha256(demo) == before
 
