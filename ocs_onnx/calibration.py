@@ -110,7 +110,9 @@ def _array_source(where: str, opener: Callable) -> ArraySource:
     with opener() as f:
         shape, fortran_order, dtype = _read_header(f, where)
     if dtype.hasobject:
-        raise CalibrationDataError(f"{where}: holds Python objects; only numeric arrays are accepted (pickles are never loaded)")
+        raise CalibrationDataError(
+            f"{where}: holds Python objects; only numeric arrays are accepted (pickles are never loaded)"
+        )
     if len(shape) == 0:
         raise CalibrationDataError(f"{where}: is a scalar; expected an array whose first axis is the samples")
     return ArraySource(where, tuple(shape), dtype, opener, fortran_order)
@@ -160,7 +162,9 @@ def _check_against_input(source: ArraySource, spec: InputSpec) -> None:
     kind = spec.dtype.kind
     compatible = {"f": "f", "i": "iu", "u": "iu", "b": "b"}.get(kind, kind)
     if source.dtype.kind not in compatible:
-        raise CalibrationDataError(f"{source.where}: dtype {source.dtype} does not fit model input {spec.name!r} of type {spec.dtype}")
+        raise CalibrationDataError(
+            f"{source.where}: dtype {source.dtype} does not fit model input {spec.name!r} of type {spec.dtype}"
+        )
     if len(source.shape) != len(spec.shape):
         raise CalibrationDataError(
             f"{source.where}: shape {source.shape} has rank {len(source.shape)}, model input {spec.name!r} has rank "
@@ -217,7 +221,9 @@ def open_calibration_data(path: Path, specs: list[InputSpec]) -> CalibrationData
         files = sorted(p for p in path.iterdir() if not p.name.startswith("."))
         unexpected = [p.name for p in files if p.suffix not in (".npz", ".npy") or not p.is_file()]
         if unexpected:
-            raise CalibrationDataError(f"{path}: unexpected entries {unexpected[:3]}; the folder may hold only .npz or .npy files")
+            raise CalibrationDataError(
+                f"{path}: unexpected entries {unexpected[:3]}; the folder may hold only .npz or .npy files"
+            )
         if not files:
             raise CalibrationDataError(f"{path}: folder holds no .npz or .npy files")
     else:
@@ -228,7 +234,9 @@ def open_calibration_data(path: Path, specs: list[InputSpec]) -> CalibrationData
     for file in files:
         if file.suffix == ".npy":
             if len(specs) != 1:
-                raise CalibrationDataError(f"{file}: .npy files need a model with one input; this one has {len(specs)}, use .npz")
+                raise CalibrationDataError(
+                    f"{file}: .npy files need a model with one input; this one has {len(specs)}, use .npz"
+                )
             groups.append({specs[0].name: _npy_source(file)})
         else:
             groups.append(_npz_sources(file))
@@ -237,7 +245,9 @@ def open_calibration_data(path: Path, specs: list[InputSpec]) -> CalibrationData
         missing = [n for n in expected if n not in group]
         extra = [n for n in group if n not in expected]
         if missing or extra:
-            detail = "; ".join(p for p in (f"missing {missing}" if missing else "", f"unknown {extra}" if extra else "") if p)
+            detail = "; ".join(
+                p for p in (f"missing {missing}" if missing else "", f"unknown {extra}" if extra else "") if p
+            )
             raise CalibrationDataError(f"{file.name}: array names do not match the model inputs {expected} ({detail})")
         counts = {name: src.samples for name, src in group.items()}
         if len(set(counts.values())) != 1:
@@ -247,7 +257,9 @@ def open_calibration_data(path: Path, specs: list[InputSpec]) -> CalibrationData
     return CalibrationData(groups, str(path))
 
 
-def synthetic_batches(specs: list[InputSpec], samples: int, batch: int, seed: int, int_high: dict[str, int]) -> Iterator[dict[str, np.ndarray]]:
+def synthetic_batches(
+    specs: list[InputSpec], samples: int, batch: int, seed: int, int_high: dict[str, int]
+) -> Iterator[dict[str, np.ndarray]]:
     """Seeded stand-in inputs: N(0, 1) floats, integers in [0, high), random booleans."""
     rng = np.random.default_rng(seed)
     done = 0
@@ -263,7 +275,9 @@ def synthetic_batches(specs: list[InputSpec], samples: int, batch: int, seed: in
             elif spec.dtype.kind == "b":
                 feed[spec.name] = rng.integers(0, 2, size=shape).astype(bool)
             else:
-                raise CalibrationDataError(f"cannot make synthetic data for input {spec.name!r} of type {spec.dtype}; pass --calib-data")
+                raise CalibrationDataError(
+                    f"cannot make synthetic data for input {spec.name!r} of type {spec.dtype}; pass --calib-data"
+                )
         done += count
         yield feed
 

@@ -68,27 +68,107 @@ def _list_passes() -> None:
 
 @cli.command("compile")
 @click.argument("model", required=False, type=click.Path(dir_okay=True, path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output model [default: MODEL with suffix .q.onnx].")
+@click.option(
+    "-o", "--output", type=click.Path(path_type=Path), help="Output model [default: MODEL with suffix .q.onnx]."
+)
 @click.option("--wbits", type=int, default=8, show_default=True, help="Weight bits (2-8).")
-@click.option("--abits", type=BitsOrNone(), default="8", show_default=True, help="Activation bits (2-8), or 'none' for weight-only quantization without calibration.")
-@click.option("--ratio", type=float, default=0.02, show_default=True, help="OCS expansion ratio r: ceil(r * C_in) channel splits per layer (0 disables OCS).")
-@click.option("--split", type=click.Choice(SPLIT_MODES), default="qa", show_default=True, help="Quantization-aware split (paper eq. 6) or naive halving.")
-@click.option("--granularity", type=click.Choice(GRANULARITIES), default="channel", show_default=True, help="One weight scale per output channel, or per tensor.")
-@click.option("--activation-type", type=click.Choice(ACTIVATION_TYPES), default="uint8", show_default=True, help="uint8 with zero point (asymmetric) or int8 symmetric activations.")
-@click.option("--calib-data", type=click.Path(path_type=Path), help=".npz (one array per model input, first axis = samples) or a folder of .npz/.npy files.")
-@click.option("--calib-samples", type=int, default=128, show_default=True, help="Use at most this many calibration samples.")
-@click.option("--calib-batch", type=int, default=16, show_default=True, help="Calibration batch size (a fixed batch dimension in the model wins).")
-@click.option("--exclude", multiple=True, metavar="PATTERN", help="Keep matching nodes float (glob on node name or op type; repeatable).")
+@click.option(
+    "--abits",
+    type=BitsOrNone(),
+    default="8",
+    show_default=True,
+    help="Activation bits (2-8), or 'none' for weight-only quantization without calibration.",
+)
+@click.option(
+    "--ratio",
+    type=float,
+    default=0.02,
+    show_default=True,
+    help="OCS expansion ratio r: ceil(r * C_in) channel splits per layer (0 disables OCS).",
+)
+@click.option(
+    "--split",
+    type=click.Choice(SPLIT_MODES),
+    default="qa",
+    show_default=True,
+    help="Quantization-aware split (paper eq. 6) or naive halving.",
+)
+@click.option(
+    "--granularity",
+    type=click.Choice(GRANULARITIES),
+    default="channel",
+    show_default=True,
+    help="One weight scale per output channel, or per tensor.",
+)
+@click.option(
+    "--activation-type",
+    type=click.Choice(ACTIVATION_TYPES),
+    default="uint8",
+    show_default=True,
+    help="uint8 with zero point (asymmetric) or int8 symmetric activations.",
+)
+@click.option(
+    "--calib-data",
+    type=click.Path(path_type=Path),
+    help=".npz (one array per model input, first axis = samples) or a folder of .npz/.npy files.",
+)
+@click.option(
+    "--calib-samples", type=int, default=128, show_default=True, help="Use at most this many calibration samples."
+)
+@click.option(
+    "--calib-batch",
+    type=int,
+    default=16,
+    show_default=True,
+    help="Calibration batch size (a fixed batch dimension in the model wins).",
+)
+@click.option(
+    "--exclude",
+    multiple=True,
+    metavar="PATTERN",
+    help="Keep matching nodes float (glob on node name or op type; repeatable).",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic calibration inputs.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON report here.")
-@click.option("--dump-after", multiple=True, metavar="PASS", help="Write the graph after this pass beside the output (repeatable).")
-@click.option("--reduce-range/--no-reduce-range", default=None, help="8-bit weights on a +-63 grid so uint8 x int8 kernels cannot overflow on CPUs without VNNI [default: on for W8A8].")
+@click.option(
+    "--dump-after",
+    multiple=True,
+    metavar="PASS",
+    help="Write the graph after this pass beside the output (repeatable).",
+)
+@click.option(
+    "--reduce-range/--no-reduce-range",
+    default=None,
+    help="8-bit weights on a +-63 grid so uint8 x int8 kernels cannot overflow on CPUs without VNNI [default: on for W8A8].",
+)
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime check of the output.")
 @click.option("--list-passes", is_flag=True, help="Show the pass pipeline and exit.")
 @click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
 @click.option("-v", "--verbose", count=True, help="Print per-pass progress.")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
-def compile_command(model, output, wbits, abits, ratio, split, granularity, activation_type, calib_data, calib_samples, calib_batch, exclude, seed, report_path, dump_after, reduce_range, no_verify, list_passes, quiet, verbose, debug):
+def compile_command(
+    model,
+    output,
+    wbits,
+    abits,
+    ratio,
+    split,
+    granularity,
+    activation_type,
+    calib_data,
+    calib_samples,
+    calib_batch,
+    exclude,
+    seed,
+    report_path,
+    dump_after,
+    reduce_range,
+    no_verify,
+    list_passes,
+    quiet,
+    verbose,
+    debug,
+):
     """Quantize MODEL (an .onnx file) into a QDQ model that onnxruntime runs on integer kernels."""
     if list_passes:
         _list_passes()
@@ -162,7 +242,9 @@ def main(argv=None) -> int:
         if debug:
             traceback.print_exc()
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        click.echo(f"ocs-onnx: internal error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)", err=True)
+        click.echo(
+            f"ocs-onnx: internal error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)", err=True
+        )
         return INTERNAL
 
 

@@ -60,7 +60,9 @@ def compile(
     config = _config_from(config, options)
     proto = load_model(model)
     is_path = not isinstance(model, onnx.ModelProto)
-    ctx = CompileContext(config, source=str(model) if is_path else "<in-memory model>", model_dir=Path(model).parent if is_path else None)
+    ctx = CompileContext(
+        config, source=str(model) if is_path else "<in-memory model>", model_dir=Path(model).parent if is_path else None
+    )
     graph = model_to_graph(proto)
     ctx.reserve_names(graph)
     manager = build_pass_manager()

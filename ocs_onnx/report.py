@@ -61,7 +61,12 @@ def build_report(ctx: CompileContext, model_in: onnx.ModelProto, model_out: onnx
     weights_after = int(sum((p.weight.values.size if p.splits else p.original_weight.size) for p in ctx.layers))
     params_before, params_after = _weight_count(model_in), _weight_count(model_out)
     activations = {
-        name: {"scale": qp.scale, "zero_point": qp.zero_point, "type": np.dtype(qp.dtype).name, "range": list(ctx.activation_ranges.get(ctx.activations[name], (None, None)))}
+        name: {
+            "scale": qp.scale,
+            "zero_point": qp.zero_point,
+            "type": np.dtype(qp.dtype).name,
+            "range": list(ctx.activation_ranges.get(ctx.activations[name], (None, None))),
+        }
         for name, qp in ctx.activation_qparams.items()
     }
     return {
@@ -133,7 +138,9 @@ def summary_text(report: dict) -> str:
         lines.append("  no* = not splittable (reason in the JSON report)")
     totals = report["totals"]
     if config["reduce_range"]:
-        lines.append("8-bit weights use the reduced range +-63 (7-bit grid) so onnxruntime's uint8 x int8 kernels cannot overflow on CPUs without VNNI; --no-reduce-range keeps +-127")
+        lines.append(
+            "8-bit weights use the reduced range +-63 (7-bit grid) so onnxruntime's uint8 x int8 kernels cannot overflow on CPUs without VNNI; --no-reduce-range keeps +-127"
+        )
     abits = "none" if config["abits"] is None else config["abits"]
     lines.append(
         f"quantized {totals['quantized_layers']} layers at W{config['wbits']}A{abits} ({config['granularity']} scales), "
@@ -141,7 +148,9 @@ def summary_text(report: dict) -> str:
         f"weights {totals['quantized_weights_before']:,} -> {totals['quantized_weights_after']:,} (+{100 * totals['weight_overhead']:.2f} %)"
     )
     sqnr = totals["weight_sqnr_db"]
-    lines.append(f"weight SQNR, all layers: {_db(sqnr['without_ocs']).strip()} without OCS, {_db(sqnr['with_ocs']).strip()} with OCS")
+    lines.append(
+        f"weight SQNR, all layers: {_db(sqnr['without_ocs']).strip()} without OCS, {_db(sqnr['with_ocs']).strip()} with OCS"
+    )
     if report["kept_float"]:
         lines.append(f"kept float: {len(report['kept_float'])} Conv/Gemm/MatMul nodes (see report)")
     calib = report["calibration"]

@@ -65,11 +65,15 @@ def fold_gemm_scalars(graph: gs.Graph, ctx: CompileContext) -> int:
             continue
         if alpha != 1.0:
             b = gemm.inputs[1]
-            gemm.inputs[1] = gs.Constant(ctx.unique_name(f"{b.name}_alpha"), (b.values.astype(np.float64) * alpha).astype(b.values.dtype))
+            gemm.inputs[1] = gs.Constant(
+                ctx.unique_name(f"{b.name}_alpha"), (b.values.astype(np.float64) * alpha).astype(b.values.dtype)
+            )
             gemm.attrs["alpha"] = 1.0
         if beta != 1.0 and has_c:
             c = gemm.inputs[2]
-            gemm.inputs[2] = gs.Constant(ctx.unique_name(f"{c.name}_beta"), (c.values.astype(np.float64) * beta).astype(c.values.dtype))
+            gemm.inputs[2] = gs.Constant(
+                ctx.unique_name(f"{c.name}_beta"), (c.values.astype(np.float64) * beta).astype(c.values.dtype)
+            )
             gemm.attrs["beta"] = 1.0
         folded += int(alpha != 1.0 or (beta != 1.0 and has_c))
     return folded

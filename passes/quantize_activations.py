@@ -31,8 +31,22 @@ def _insert_qdq(graph: gs.Graph, ctx: CompileContext, tensor: gs.Variable, qp: A
     consumers = list(tensor.outputs)
     quantized = gs.Variable(ctx.unique_name(f"{tensor.name}_quantized"), dtype=qp.dtype, shape=tensor.shape)
     dequantized = gs.Variable(ctx.unique_name(f"{tensor.name}_dequantized"), dtype=np.float32, shape=tensor.shape)
-    graph.nodes.append(gs.Node("QuantizeLinear", ctx.unique_name(f"{tensor.name}_quantize"), inputs=[tensor, scale, zero_point], outputs=[quantized]))
-    graph.nodes.append(gs.Node("DequantizeLinear", ctx.unique_name(f"{tensor.name}_dequantize"), inputs=[quantized, scale, zero_point], outputs=[dequantized]))
+    graph.nodes.append(
+        gs.Node(
+            "QuantizeLinear",
+            ctx.unique_name(f"{tensor.name}_quantize"),
+            inputs=[tensor, scale, zero_point],
+            outputs=[quantized],
+        )
+    )
+    graph.nodes.append(
+        gs.Node(
+            "DequantizeLinear",
+            ctx.unique_name(f"{tensor.name}_dequantize"),
+            inputs=[quantized, scale, zero_point],
+            outputs=[dequantized],
+        )
+    )
     for consumer in consumers:
         for i, t in enumerate(consumer.inputs):
             if t is tensor:

@@ -33,7 +33,9 @@ def _record_sqnr(plan: LayerPlan, q: np.ndarray, axis: int | None, bits: int) ->
     plan.sqnr_without_ocs_db = sqnr_db(w0, fake_quantize_symmetric(w0, plain_scale, bits, axis))
     effective = dequantize(q, plan.scale, axis)
     if plan.splits:
-        effective = merge_split_channels(effective, plan.weight_in_axis, plan.channel_origins, w0.shape[plan.weight_in_axis])
+        effective = merge_split_channels(
+            effective, plan.weight_in_axis, plan.channel_origins, w0.shape[plan.weight_in_axis]
+        )
     plan.sqnr_with_ocs_db = sqnr_db(w0, effective)
 
 

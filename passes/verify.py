@@ -28,7 +28,16 @@ from .calibrate import integer_input_limits
 
 # onnxruntime's integer kernels for Conv/Gemm/MatMul (CPU provider, any layout domain).
 INTEGER_KERNELS = frozenset(
-    {"QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "QGemm", "ConvInteger", "MatMulInteger", "DynamicQuantizeMatMul", "QAttention"}
+    {
+        "QLinearConv",
+        "QLinearMatMul",
+        "MatMulIntegerToFloat",
+        "QGemm",
+        "ConvInteger",
+        "MatMulInteger",
+        "DynamicQuantizeMatMul",
+        "QAttention",
+    }
 )
 
 
@@ -66,7 +75,9 @@ def run(graph: gs.Graph, ctx: CompileContext) -> None:
     result = {
         "quantized_layers": quantized,
         "integer_kernels": integer,
-        "float_conv_gemm_matmul_left": sum(ops.get(op, 0) for op in ("Conv", "FusedConv", "Gemm", "MatMul", "FusedMatMul", "FusedGemm")),
+        "float_conv_gemm_matmul_left": sum(
+            ops.get(op, 0) for op in ("Conv", "FusedConv", "Gemm", "MatMul", "FusedMatMul", "FusedGemm")
+        ),
         "onnxruntime_version": ort.__version__,
     }
     specs = model_input_specs(model)
@@ -85,7 +96,9 @@ def run(graph: gs.Graph, ctx: CompileContext) -> None:
     if not all(np.isfinite(o).all() for o in outputs if np.asarray(o).dtype.kind == "f"):
         ctx.warn("the compiled model produced NaN or Inf on the verification batch")
     if reference is not None:
-        result["output_sqnr_db"] = {n: sqnr_db(reference.outputs[n], o) for n, o in zip(names, outputs) if n in reference.outputs}
+        result["output_sqnr_db"] = {
+            n: sqnr_db(reference.outputs[n], o) for n, o in zip(names, outputs) if n in reference.outputs
+        }
     if integer:
         # The same QDQ model without graph optimizations runs DequantizeLinear + float ops: the
         # exact arithmetic the model specifies. The integer kernels must agree with it; a large
@@ -109,4 +122,6 @@ def _unoptimized_session(model_bytes: bytes) -> ort.InferenceSession:
     return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
 
 
-PASS = Pass("verify-onnxruntime", "load in onnxruntime, count integer kernels, compare outputs with the float model", run)
+PASS = Pass(
+    "verify-onnxruntime", "load in onnxruntime, count integer kernels, compare outputs with the float model", run
+)

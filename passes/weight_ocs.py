@@ -37,7 +37,9 @@ def _shape_with(x: gs.Variable, axis: int, channels) -> list | None:
     return shape
 
 
-def _widen_input(ctx: CompileContext, node: gs.Node, x: gs.Variable, axis: int, copies: list[int]) -> tuple[list[gs.Node], gs.Variable]:
+def _widen_input(
+    ctx: CompileContext, node: gs.Node, x: gs.Variable, axis: int, copies: list[int]
+) -> tuple[list[gs.Node], gs.Variable]:
     """Nodes computing Concat(x, x[c1], x[c2], ...) along ``axis`` (one Slice per copied
     channel, reused when a channel is copied twice), and their output."""
     known = x.shape[axis] if x.shape is not None else None
@@ -46,12 +48,27 @@ def _widen_input(ctx: CompileContext, node: gs.Node, x: gs.Variable, axis: int, 
     nodes, slices = [], {}
     for channel in dict.fromkeys(copies):  # distinct, in order of first use
         out = gs.Variable(ctx.unique_name(f"{x.name}_channel{channel}"), dtype=x.dtype, shape=_shape_with(x, axis, 1))
-        bounds = [gs.Constant(ctx.unique_name(f"{out.name}_{edge}"), np.asarray([value], dtype=np.int64)) for edge, value in (("start", channel), ("end", channel + 1))]
-        nodes.append(gs.Node("Slice", ctx.unique_name(f"{node.name}_ocs_slice{channel}"), inputs=[x, *bounds, axes], outputs=[out]))
+        bounds = [
+            gs.Constant(ctx.unique_name(f"{out.name}_{edge}"), np.asarray([value], dtype=np.int64))
+            for edge, value in (("start", channel), ("end", channel + 1))
+        ]
+        nodes.append(
+            gs.Node(
+                "Slice", ctx.unique_name(f"{node.name}_ocs_slice{channel}"), inputs=[x, *bounds, axes], outputs=[out]
+            )
+        )
         ctx.ocs_duplicates[out.name] = x.name
         slices[channel] = out
     widened = gs.Variable(ctx.unique_name(f"{x.name}_ocs"), dtype=x.dtype, shape=_shape_with(x, axis, widened_channels))
-    nodes.append(gs.Node("Concat", ctx.unique_name(f"{node.name}_ocs_concat"), attrs={"axis": axis}, inputs=[x] + [slices[c] for c in copies], outputs=[widened]))
+    nodes.append(
+        gs.Node(
+            "Concat",
+            ctx.unique_name(f"{node.name}_ocs_concat"),
+            attrs={"axis": axis},
+            inputs=[x] + [slices[c] for c in copies],
+            outputs=[widened],
+        )
+    )
     ctx.ocs_duplicates[widened.name] = x.name
     return nodes, widened
 
@@ -64,7 +81,9 @@ def _split_layer(plan: LayerPlan, ratio: float, ctx: CompileContext, shared: dic
     if not plan.splits:
         return
     node = plan.node
-    split_weight = gs.Constant(ctx.unique_name(f"{plan.weight.name}_ocs"), apply_channel_splits(w, plan.weight_in_axis, plan.splits))
+    split_weight = gs.Constant(
+        ctx.unique_name(f"{plan.weight.name}_ocs"), apply_channel_splits(w, plan.weight_in_axis, plan.splits)
+    )
     node.inputs[1] = split_weight
     plan.weight = split_weight
 
@@ -85,4 +104,8 @@ def run(graph: gs.Graph, ctx: CompileContext) -> None:
         graph.nodes.extend(nodes)
 
 
-PASS = Pass("weight-ocs", "split the input channels holding the largest |w| (duplicated weight rows, input channels appended)", run)
+PASS = Pass(
+    "weight-ocs",
+    "split the input channels holding the largest |w| (duplicated weight rows, input channels appended)",
+    run,
+)

@@ -94,7 +94,9 @@ def test_model_specific_features():
     assert by_op(conv).count("BatchNormalization") == by_op(conv).count("Conv")
 
     mlp = ALL_TEST_MODELS["mlp_gemm"]()
-    gemm_attrs = [{a.name: helper.get_attribute_value(a) for a in n.attribute} for n in mlp.graph.node if n.op_type == "Gemm"]
+    gemm_attrs = [
+        {a.name: helper.get_attribute_value(a) for a in n.attribute} for n in mlp.graph.node if n.op_type == "Gemm"
+    ]
     assert any(a.get("transB", 0) == 0 for a in gemm_attrs)
     assert any(a.get("transB", 0) == 1 for a in gemm_attrs)
     assert any(a.get("alpha", 1.0) != 1.0 for a in gemm_attrs)

@@ -56,7 +56,19 @@ def test_list_passes_shows_the_pipeline_in_order(capsys):
 def test_main_job_writes_model_beside_input_and_a_report(demo, tmp_path, capsys):
     before = sha256(demo)
     report_path = tmp_path / "report.json"
-    code, _, err = run_cli("compile", demo, "--wbits", 6, "--ratio", 0.02, "--calib-data", digits.CALIBRATION, "--report", report_path, capsys=capsys)
+    code, _, err = run_cli(
+        "compile",
+        demo,
+        "--wbits",
+        6,
+        "--ratio",
+        0.02,
+        "--calib-data",
+        digits.CALIBRATION,
+        "--report",
+        report_path,
+        capsys=capsys,
+    )
     assert code == 0, err
     output = tmp_path / "digits_cnn.q.onnx"
     assert output.exists() and sha256(demo) == before
@@ -116,8 +128,14 @@ BAD_INPUTS = {
     "missing model": (lambda d: [d / "nope.onnx"], errors.INVALID_MODEL),
     "a folder": (lambda d: [d], errors.INVALID_MODEL),
     "empty file": (lambda d: [(d / "empty.onnx").write_bytes(b"") or d / "empty.onnx"], errors.INVALID_MODEL),
-    "random bytes": (lambda d: [(d / "r.onnx").write_bytes(np.random.default_rng(0).bytes(4096)) or d / "r.onnx"], errors.INVALID_MODEL),
-    "truncated model": (lambda d: [(d / "t.onnx").write_bytes(digits.MODEL.read_bytes()[:5000]) or d / "t.onnx"], errors.INVALID_MODEL),
+    "random bytes": (
+        lambda d: [(d / "r.onnx").write_bytes(np.random.default_rng(0).bytes(4096)) or d / "r.onnx"],
+        errors.INVALID_MODEL,
+    ),
+    "truncated model": (
+        lambda d: [(d / "t.onnx").write_bytes(digits.MODEL.read_bytes()[:5000]) or d / "t.onnx"],
+        errors.INVALID_MODEL,
+    ),
     "opset that cannot be upgraded": (lambda d: [_old_opset_model(d / "old.onnx")], errors.UNSUPPORTED_MODEL),
     "wbits too high": (lambda d: [d / "digits_cnn.onnx", "--wbits", "9"], errors.USAGE),
     "wbits too low": (lambda d: [d / "digits_cnn.onnx", "--wbits", "1"], errors.USAGE),
@@ -129,18 +147,33 @@ BAD_INPUTS = {
     "output is the input": (lambda d: [d / "digits_cnn.onnx", "-o", d / "digits_cnn.onnx"], errors.USAGE),
     "output folder missing": (lambda d: [d / "digits_cnn.onnx", "-o", d / "no" / "out.onnx"], errors.USAGE),
     "calibration names differ": (
-        lambda d: [d / "digits_cnn.onnx", "--calib-data", _write_npz(d / "c.npz", pixels=np.zeros((4, 1, 8, 8), np.float32))],
+        lambda d: [
+            d / "digits_cnn.onnx",
+            "--calib-data",
+            _write_npz(d / "c.npz", pixels=np.zeros((4, 1, 8, 8), np.float32)),
+        ],
         errors.CALIBRATION_DATA,
     ),
     "calibration shape differs": (
-        lambda d: [d / "digits_cnn.onnx", "--calib-data", _write_npz(d / "c.npz", image=np.zeros((4, 1, 9, 9), np.float32))],
+        lambda d: [
+            d / "digits_cnn.onnx",
+            "--calib-data",
+            _write_npz(d / "c.npz", image=np.zeros((4, 1, 9, 9), np.float32)),
+        ],
         errors.CALIBRATION_DATA,
     ),
     "calibration rank differs": (
-        lambda d: [d / "digits_cnn.onnx", "--calib-data", _write_npz(d / "c.npz", image=np.zeros((4, 8, 8), np.float32))],
+        lambda d: [
+            d / "digits_cnn.onnx",
+            "--calib-data",
+            _write_npz(d / "c.npz", image=np.zeros((4, 8, 8), np.float32)),
+        ],
         errors.CALIBRATION_DATA,
     ),
-    "calibration file missing": (lambda d: [d / "digits_cnn.onnx", "--calib-data", d / "none.npz"], errors.CALIBRATION_DATA),
+    "calibration file missing": (
+        lambda d: [d / "digits_cnn.onnx", "--calib-data", d / "none.npz"],
+        errors.CALIBRATION_DATA,
+    ),
 }
 
 
@@ -154,7 +187,11 @@ def test_bad_input_gives_one_line_error_exit_code_and_no_output(case, demo, tmp_
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ocs-onnx: error: "), err
     assert "Traceback" not in err
-    new_files = sorted(set(p.name for p in tmp_path.iterdir()) - set(listing_before) - {"c.npz", "empty.onnx", "r.onnx", "t.onnx", "old.onnx"})
+    new_files = sorted(
+        set(p.name for p in tmp_path.iterdir())
+        - set(listing_before)
+        - {"c.npz", "empty.onnx", "r.onnx", "t.onnx", "old.onnx"}
+    )
     assert new_files == []
     assert sha256(demo) == before
 
@@ -164,7 +201,20 @@ def test_output_bytes_are_identical_across_processes_with_different_hash_seeds(d
     for seed in ("1", "2"):
         out = tmp_path / f"q{seed}.onnx"
         env = dict(os.environ, PYTHONHASHSEED=seed)
-        cmd = [sys.executable, "-m", "ocs_onnx", "compile", str(demo), "-o", str(out), "--wbits", "5", "--calib-data", str(digits.CALIBRATION), "-q"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "ocs_onnx",
+            "compile",
+            str(demo),
+            "-o",
+            str(out),
+            "--wbits",
+            "5",
+            "--calib-data",
+            str(digits.CALIBRATION),
+            "-q",
+        ]
         result = subprocess.run(cmd, env=env, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
         outputs.append(out.read_bytes())

@@ -10,7 +10,7 @@ import ocs_onnx
 from models import builders, digits
 from ocs_onnx import quant
 
-from .conftest import TEST_MODELS, feed_for, max_relative_error, run_model
+from .conftest import feed_for, max_relative_error, run_model
 
 
 # --------------------------------------------------------------------------------------------
@@ -23,7 +23,9 @@ from .conftest import TEST_MODELS, feed_for, max_relative_error, run_model
 def test_ocs_rewrite_without_quantization_computes_the_same_function(test_model, split, granularity):
     name, model = test_model
     # Stop after the split offsets are in place, before any value is quantized.
-    rewritten, report = ocs_onnx.compile(model, abits=None, wbits=4, ratio=0.2, split=split, granularity=granularity, stop_after="qa-split")
+    rewritten, report = ocs_onnx.compile(
+        model, abits=None, wbits=4, ratio=0.2, split=split, granularity=granularity, stop_after="qa-split"
+    )
     assert report["totals"]["channels_split"] > 0
     assert any(n.op_type == "Concat" and n.name.endswith("_ocs_concat") for n in rewritten.graph.node)
     feed = feed_for(name, model)
@@ -53,7 +55,12 @@ def test_layers_reading_the_same_tensor_with_the_same_splits_share_one_widened_i
     of_x = [n for n in concats if n.input[0] == "x"]
     assert len(of_x) == 1
     inputs = {n.name: n.input[0] for n in rewritten.graph.node}
-    assert inputs["attn.q_proj/matmul"] == inputs["attn.k_proj/matmul"] == inputs["attn.v_proj/matmul"] == of_x[0].output[0]
+    assert (
+        inputs["attn.q_proj/matmul"]
+        == inputs["attn.k_proj/matmul"]
+        == inputs["attn.v_proj/matmul"]
+        == of_x[0].output[0]
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,7 +91,11 @@ def test_ocs_improves_weight_sqnr_over_no_splitting(test_model, bits, granularit
 @pytest.mark.parametrize("ratio", [0.01, 0.02, 0.05])
 def test_weight_overhead_stays_within_ratio_plus_one_percent(ratio):
     # ceil(r * C) adds at most one channel beyond r * C: within r + 1 % once layers have >= 100 inputs
-    for model in (builders.conv_bn_residual_net(channels=128), builders.mlp_gemm(sizes=(128, 256, 256, 10)), builders.transformer_block(d_model=128, d_ff=256)):
+    for model in (
+        builders.conv_bn_residual_net(channels=128),
+        builders.mlp_gemm(sizes=(128, 256, 256, 10)),
+        builders.transformer_block(d_model=128, d_ff=256),
+    ):
         _, report = ocs_onnx.compile(model, wbits=6, abits=None, ratio=ratio, verify=False)
         assert 0 < report["totals"]["weight_overhead"] <= ratio + 0.01
 

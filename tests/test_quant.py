@@ -111,7 +111,10 @@ def test_qa_split_quantizes_like_the_unsplit_weight_with_the_same_scale():
 def test_sqnr_is_none_when_exact_and_grows_with_bits():
     w = np.random.default_rng(4).standard_normal(1000)
     assert quant.sqnr_db(w, w) is None
-    values = [quant.sqnr_db(w, quant.fake_quantize_symmetric(w, quant.symmetric_scale(quant.max_abs(w, None), k), k)) for k in (4, 6, 8)]
+    values = [
+        quant.sqnr_db(w, quant.fake_quantize_symmetric(w, quant.symmetric_scale(quant.max_abs(w, None), k), k))
+        for k in (4, 6, 8)
+    ]
     assert values[0] < values[1] < values[2]
 
 

@@ -51,7 +51,12 @@ def median_latencies(sessions: dict[str, ort.InferenceSession], feed: dict, repe
 def cases():
     with np.load(digits.EVALUATION) as data:
         images = data["image"][:256]
-    yield "digits_cnn (demo), batch 256", onnx.load(str(digits.MODEL)), {"image": images}, {"calib_data": digits.CALIBRATION}
+    yield (
+        "digits_cnn (demo), batch 256",
+        onnx.load(str(digits.MODEL)),
+        {"image": images},
+        {"calib_data": digits.CALIBRATION},
+    )
     conv = builders.conv_bn_residual_net(channels=64)
     yield "conv_bn_residual, 64 ch, batch 32", conv, builders.random_inputs(conv, batch=32), {}
     tf = builders.transformer_block(d_model=256, n_heads=4, d_ff=1024)
@@ -70,7 +75,9 @@ def main() -> int:
     ]
     for title, model, feed, options in cases():
         variants = {"uint8": ("uint8", 0.02), "int8": ("int8", 0.02), "uint8, no OCS": ("uint8", 0.0)}
-        compiled = {v: ocs_onnx.compile(model, wbits=6, ratio=r, activation_type=t, **options) for v, (t, r) in variants.items()}
+        compiled = {
+            v: ocs_onnx.compile(model, wbits=6, ratio=r, activation_type=t, **options) for v, (t, r) in variants.items()
+        }
         sessions = {"float": session(model)} | {t: session(m) for t, (m, _) in compiled.items()}
         latency = median_latencies(sessions, feed, args.repeats)
         reference = sessions["float"].run(None, feed)[0]

@@ -53,7 +53,9 @@ def main() -> int:
     for granularity in ("channel", "tensor"):
         for bits in BITS:
             for ratio in RATIOS:
-                model, report = ocs_onnx.compile(str(digits.MODEL), wbits=bits, ratio=ratio, granularity=granularity, calib_data=digits.CALIBRATION)
+                model, report = ocs_onnx.compile(
+                    str(digits.MODEL), wbits=bits, ratio=ratio, granularity=granularity, calib_data=digits.CALIBRATION
+                )
                 out = logits(model, images)
                 accuracy = 100 * np.mean(out.argmax(1) == labels)
                 totals = report["totals"]

@@ -56,10 +56,7 @@ def predict(
     input_names = [i.name for i in session.get_inputs()]
     missing = [name for name in input_names if name not in inputs]
     if missing:
-        raise KeyError(
-            f"{model_path}: data has no array for model input(s) {missing}; "
-            f"it has {sorted(inputs)}"
-        )
+        raise KeyError(f"{model_path}: data has no array for model input(s) {missing}; it has {sorted(inputs)}")
     num_samples = len(inputs[input_names[0]])
     # Batching keeps memory flat for large data files; models are expected to
     # have a dynamic batch dimension.
