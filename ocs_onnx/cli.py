@@ -193,27 +193,12 @@ def compile_command(
         verify=not no_verify,
         dump_after=tuple(dump_after),
     )
-    _check_output_paths(model, output, report_path)
     from .compiler import compile_file
     from .report import summary_text
 
     output_path, report = compile_file(model, output, config, report_path=report_path)
     log.info("%s", summary_text(report))
     log.info("wrote %s%s", output_path, f" and {report_path}" if report_path else "")
-
-
-def _check_output_paths(model: Path, output: Path, report_path: Path | None) -> None:
-    """Fail before any work when an output could not be written or would hit the input."""
-    for path, flag in ((output, "-o"), (report_path, "--report")):
-        if path is None:
-            continue
-        folder = path.parent
-        if not folder.is_dir():
-            raise UsageError(f"{flag} {path}: folder {folder} does not exist")
-        if path.is_dir():
-            raise UsageError(f"{flag} {path}: is a folder")
-        if model.exists() and path.exists() and path.resolve() == model.resolve():
-            raise UsageError(f"{flag} {path}: is the input model; choose another path")
 
 
 def main(argv=None) -> int:

@@ -48,32 +48,44 @@ def compile(
     model: str | os.PathLike | onnx.ModelProto,
     config: CompileConfig | None = None,
     *,
-    dump_dir: str | os.PathLike | None = None,
+    dump_prefix: str | os.PathLike = "model",
     **options,
 ) -> tuple[onnx.ModelProto, dict]:
     """Quantizes ``model`` (a path or a ModelProto) and returns (quantized model, report).
 
     Options are the fields of ``CompileConfig`` (``wbits=6, ratio=0.02, calib_data=...``).
-    The input is never modified. ``dump_dir`` receives ``after-<pass>.onnx`` for every pass
-    named in ``dump_after``.
+    The input is never modified. For every pass named in ``dump_after`` the graph after it is
+    written to ``<dump_prefix>.after-<pass>.onnx``.
     """
     config = _config_from(config, options)
     proto = load_model(model)
-    is_path = not isinstance(model, onnx.ModelProto)
-    ctx = CompileContext(
-        config, source=str(model) if is_path else "<in-memory model>", model_dir=Path(model).parent if is_path else None
-    )
+    source = "<in-memory model>" if isinstance(model, onnx.ModelProto) else str(model)
+    ctx = CompileContext(config, source=source)
     graph = model_to_graph(proto)
     ctx.reserve_names(graph)
     manager = build_pass_manager()
 
     def dump(name: str, g: gs.Graph) -> None:
-        folder = Path(dump_dir) if dump_dir is not None else Path(".")
-        save_model_atomic(graph_to_model(g), folder / f"after-{name}.onnx")
+        save_model_atomic(graph_to_model(g), Path(f"{dump_prefix}.after-{name}.onnx"))
 
     graph = manager.run(graph, ctx, stop_after=config.stop_after, dump_after=config.dump_after, dump=dump)
     output = graph_to_model(graph)
     return output, build_report(ctx, proto, output)
+
+
+def check_output_paths(model: Path, output: Path, report: Path | None) -> None:
+    """Fails before any work when an output could not be written or would replace the input."""
+    for path, flag in ((output, "-o"), (report, "--report")):
+        if path is None:
+            continue
+        if not path.parent.is_dir():
+            raise UsageError(f"{flag} {path}: folder {path.parent} does not exist")
+        if path.is_dir():
+            raise UsageError(f"{flag} {path}: is a folder")
+        if model.exists() and path.exists() and os.path.samefile(model, path):
+            raise UsageError(f"{flag} {path}: is the input model; choose another path")
+    if report is not None and report.resolve() == output.resolve():
+        raise UsageError(f"--report {report}: is the output model path; choose another path")
 
 
 def compile_file(
@@ -84,15 +96,13 @@ def compile_file(
     **options,
 ) -> tuple[Path, dict]:
     """Compiles a model file; writes the output (default ``<stem>.q.onnx`` beside the input)
-    and the JSON report atomically. Refuses to overwrite the input."""
+    and the JSON report atomically. Refuses to overwrite the input. Graphs dumped with
+    ``dump_after`` land beside the output as ``<output stem>.after-<pass>.onnx``."""
     input_path = Path(input_path)
     output_path = Path(output_path) if output_path is not None else default_output_path(input_path)
-    if input_path.exists() and output_path.exists() and os.path.samefile(input_path, output_path):
-        raise UsageError(f"output {output_path} is the input model; choose another -o path")
-    if report_path is not None and Path(report_path).resolve() in (input_path.resolve(), output_path.resolve()):
-        raise UsageError(f"--report {report_path} would overwrite a model file")
-    dump_dir = output_path.parent
-    model, report = compile(input_path, config, dump_dir=dump_dir, **options)
+    check_output_paths(input_path, output_path, Path(report_path) if report_path is not None else None)
+    dump_prefix = output_path.with_suffix("")
+    model, report = compile(input_path, config, dump_prefix=dump_prefix, **options)
     report["output"] = str(output_path)
     save_model_atomic(model, output_path)
     if report_path is not None:

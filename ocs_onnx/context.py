@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -55,8 +54,6 @@ class LayerPlan:
 class CompileContext:
     config: CompileConfig
     source: str = "<model>"
-    # The folder of the model file, for external data (None for an in-memory model).
-    model_dir: Path | None = None
     layers: list[LayerPlan] = field(default_factory=list)
     # Nodes kept float and why: {node name: reason}.
     kept_float: dict[str, str] = field(default_factory=dict)

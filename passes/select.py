@@ -84,10 +84,9 @@ def run(graph: gs.Graph, ctx: CompileContext) -> None:
             ctx.kept_float[node.name] = f"excluded by --exclude {pattern}"
             continue
         plan = plan_layer(node, weight)
-        if isinstance(plan, str):
+        if isinstance(plan, str):  # a weight we cannot quantize: say so, the user expected it to be
             ctx.kept_float[node.name] = plan
-            if "NaN" in plan:
-                ctx.warn(f"layer {node.name} kept float: {plan}")
+            ctx.warn(f"layer {node.name} kept float: {plan}")
             continue
         if plan.splittable and len(weight.outputs) > 1:
             plan.splittable = False

@@ -94,7 +94,7 @@ def test_quiet_prints_nothing_and_verbose_prints_passes(demo, tmp_path, capsys):
 def test_dump_after_writes_the_graph_after_that_pass(demo, tmp_path, capsys):
     code, _, err = run_cli("compile", demo, "--abits", "none", "--dump-after", "weight-ocs", capsys=capsys)
     assert code == 0, err
-    dumped = onnx.load(str(tmp_path / "after-weight-ocs.onnx"))
+    dumped = onnx.load(str(tmp_path / "digits_cnn.q.after-weight-ocs.onnx"))
     assert any(n.op_type == "Concat" and n.name.endswith("_ocs_concat") for n in dumped.graph.node)
     assert not any(n.op_type == "DequantizeLinear" for n in dumped.graph.node)
 
