@@ -229,3 +229,32 @@ def test_report_sqnr_matches_an_independent_computation():
     expected = quant.sqnr_db(w, np.clip(np.floor(w / scale + 0.5), -15, 15) * scale)
     layer = next(layer for layer in report["layers"] if layer["name"] == "fc1/gemm")
     assert layer["sqnr_db"]["without_ocs"] == pytest.approx(expected, abs=1e-3)
+
+
+def _with_weight(model: onnx.ModelProto, name: str, values) -> onnx.ModelProto:
+    weights = {t.name: t for t in model.graph.initializer}
+    array = onnx.numpy_helper.to_array(weights[name]).copy()
+    array[...] = values(array)
+    weights[name].CopyFrom(onnx.numpy_helper.from_array(array, name))
+    return model
+
+
+def test_a_weight_with_nan_keeps_that_layer_float_and_compiles_the_rest():
+    def poison(w):
+        w[0, 0] = np.nan
+        return w
+
+    model = _with_weight(builders.mlp_gemm(), "fc1.weight", poison)
+    _, report = ocs_onnx.compile(model, abits=None)
+    assert "NaN" in report["kept_float"]["fc1/gemm"]
+    assert [layer["name"] for layer in report["layers"]] == ["fc0/gemm", "fc2/gemm"]
+    assert any("fc1/gemm" in w for w in report["warnings"])
+
+
+def test_an_all_zero_weight_quantizes_to_zero_without_dividing_by_zero():
+    model = _with_weight(builders.mlp_gemm(), "fc1.weight", lambda w: 0.0)
+    quantized, report = ocs_onnx.compile(model, wbits=4, ratio=0.05)
+    layer = next(layer for layer in report["layers"] if layer["name"] == "fc1/gemm")
+    assert layer["sqnr_db"] == {"without_ocs": None, "with_ocs": None}
+    (y,) = run_model(quantized, builders.random_inputs(model))
+    assert np.isfinite(y).all()
