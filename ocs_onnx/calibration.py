@@ -24,6 +24,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import CalibrationDataError
+from .histogram import SymmetricHistogram
 
 # Symbolic (dynamic) dimensions other than the batch axis get this size in synthetic inputs.
 SYNTHETIC_DYNAMIC_DIM = 32
@@ -299,16 +300,19 @@ def prepare_feed(feed: dict[str, np.ndarray], specs: list[InputSpec], where: str
 
 
 class RangeObserver:
-    """Running min/max of one tensor, updated batch by batch."""
+    """Running min/max of one tensor and a histogram of its values, updated batch by batch in
+    constant memory (clip methods for activations read the histogram)."""
 
     def __init__(self):
         self.lo = np.inf
         self.hi = -np.inf
+        self.histogram = SymmetricHistogram()
 
     def update(self, values: np.ndarray) -> None:
         if values.size:
             self.lo = min(self.lo, float(values.min()))
             self.hi = max(self.hi, float(values.max()))
+            self.histogram.update(values)
 
     @property
     def range(self) -> tuple[float, float]:
@@ -326,6 +330,7 @@ class ReferenceBatch:
 @dataclass
 class CalibrationResult:
     ranges: dict[str, tuple[float, float]]
+    histograms: dict[str, SymmetricHistogram]
     samples: int
     reference: ReferenceBatch | None
 
@@ -370,4 +375,9 @@ def observe_ranges(
         samples += next(iter(feed.values())).shape[0] if feed else 0
         if on_batch is not None:
             on_batch(samples)
-    return CalibrationResult({name: obs.range for name, obs in observers.items()}, samples, reference)
+    return CalibrationResult(
+        {name: obs.range for name, obs in observers.items()},
+        {name: obs.histogram for name, obs in observers.items()},
+        samples,
+        reference,
+    )

@@ -65,6 +65,7 @@ class CompileContext:
     ocs_duplicates: dict[str, str] = field(default_factory=dict)
     # Calibration: {observed tensor name: (min, max)}, and where the samples came from.
     activation_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    activation_histograms: dict = field(default_factory=dict)
     activation_qparams: dict[str, ActivationQParams] = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)
     # First calibration batch and the float model's outputs on it (checked after quantization).

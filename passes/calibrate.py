@@ -82,6 +82,7 @@ def run(graph: gs.Graph, ctx: CompileContext) -> None:
     if result.samples == 0:
         raise CalibrationDataError(f"no calibration samples could be used (the model needs batches of exactly {batch})")
     ctx.activation_ranges = result.ranges
+    ctx.activation_histograms = result.histograms
     ctx.reference_batch = result.reference
     ctx.calibration = {"source": source, "samples": result.samples, "batch": batch, "observed_tensors": len(names)}
 
