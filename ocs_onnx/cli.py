@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .clip import CLIP_METHODS
 from .config import ACTIVATION_TYPES, GRANULARITIES, SPLIT_MODES, CompileConfig
 from .errors import INTERNAL, USAGE, OcsError, UsageError
 from .model_io import default_output_path
@@ -108,6 +109,27 @@ def _list_passes() -> None:
     help="uint8 with zero point (asymmetric) or int8 symmetric activations.",
 )
 @click.option(
+    "--wclip",
+    type=click.Choice(CLIP_METHODS),
+    default="none",
+    show_default=True,
+    help="Weight clip threshold method (searched on the split weights).",
+)
+@click.option(
+    "--aclip",
+    type=click.Choice(CLIP_METHODS),
+    default="none",
+    show_default=True,
+    help="Activation clip threshold method (on the calibration histograms).",
+)
+@click.option(
+    "--percentile",
+    type=float,
+    default=99.99,
+    show_default=True,
+    help="Percentile of |x| for --wclip/--aclip percentile.",
+)
+@click.option(
     "--calib-data",
     type=click.Path(path_type=Path),
     help=".npz (one array per model input, first axis = samples) or a folder of .npz/.npy files.",
@@ -155,6 +177,9 @@ def compile_command(
     split,
     granularity,
     activation_type,
+    wclip,
+    aclip,
+    percentile,
     calib_data,
     calib_samples,
     calib_batch,
@@ -184,6 +209,9 @@ def compile_command(
         split=split,
         granularity=granularity,
         activation_type=activation_type,
+        wclip=wclip,
+        aclip=aclip,
+        percentile=percentile,
         calib_data=calib_data,
         calib_samples=calib_samples,
         calib_batch=calib_batch,

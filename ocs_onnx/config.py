@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .clip import CLIP_METHODS
 from .errors import UsageError
 from .quant import MAX_BITS, MIN_BITS
 
@@ -26,6 +27,10 @@ class CompileConfig:
     granularity: str = "channel"
     # uint8 with a zero point (asymmetric) or int8 with zero point 0 (symmetric).
     activation_type: str = "uint8"
+    # Clip-threshold methods for weights and activations (see ocs_onnx/clip.py).
+    wclip: str = "none"
+    aclip: str = "none"
+    percentile: float = 99.99
     calib_data: Path | None = None
     calib_samples: int = 128
     calib_batch: int = 16
@@ -52,6 +57,14 @@ class CompileConfig:
         _check_choice("--split", self.split, SPLIT_MODES)
         _check_choice("--granularity", self.granularity, GRANULARITIES)
         _check_choice("--activation-type", self.activation_type, ACTIVATION_TYPES)
+        _check_choice("--wclip", self.wclip, CLIP_METHODS)
+        _check_choice("--aclip", self.aclip, CLIP_METHODS)
+        if (
+            isinstance(self.percentile, bool)
+            or not isinstance(self.percentile, (int, float))
+            or not 0 < self.percentile <= 100
+        ):
+            raise UsageError(f"--percentile must be a number in (0, 100], got {self.percentile!r}")
         for name in ("calib_samples", "calib_batch"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -32,7 +32,10 @@ class LayerPlan:
     # OCS: the channel split at each step, and the original channel of every channel after.
     splits: list[int] = field(default_factory=list)
     channel_origins: list[int] | None = None
-    # Weight scale (scalar, or one per output channel), set once splitting is done.
+    # Weight range, clip threshold and scale (scalars, or one per output channel), set on the
+    # split weights by clip-weights.
+    max_abs: np.ndarray | None = None
+    clip_threshold: np.ndarray | None = None
     scale: np.ndarray | None = None
     sqnr_without_ocs_db: float | None = None
     sqnr_with_ocs_db: float | None = None

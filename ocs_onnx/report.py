@@ -51,6 +51,11 @@ def layer_entry(plan: LayerPlan, ctx: CompileContext) -> dict:
         "bits": ctx.config.weight_bits,
         "granularity": ctx.config.granularity,
         "scale": _scale_value(plan.scale) if plan.scale is not None else None,
+        "clip": {
+            "method": ctx.config.wclip,
+            "threshold": _scale_value(plan.clip_threshold) if plan.clip_threshold is not None else None,
+            "max_abs": _scale_value(plan.max_abs) if plan.max_abs is not None else None,
+        },
         "sqnr_db": {"without_ocs": _round(plan.sqnr_without_ocs_db), "with_ocs": _round(plan.sqnr_with_ocs_db)},
     }
 

@@ -4,6 +4,7 @@ from . import (
     activations,
     batchnorm,
     calibrate,
+    clip_weights,
     constants,
     linear,
     names,
@@ -15,7 +16,6 @@ from . import (
     shapes,
     verify,
     weight_ocs,
-    weight_scales,
 )
 
 DEFAULT_PASSES = [
@@ -29,7 +29,7 @@ DEFAULT_PASSES = [
     weight_ocs.PASS,
     activations.PASS,
     calibrate.PASS,
-    weight_scales.PASS,
+    clip_weights.PASS,
     qa_split.PASS,
     quantize_weights.PASS,
     quantize_activations.PASS,

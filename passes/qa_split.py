@@ -14,7 +14,7 @@ from ocs_onnx.context import CompileContext
 from ocs_onnx.pass_manager import Pass
 from ocs_onnx.quant import apply_channel_splits
 
-from .weight_scales import scale_axis
+from .clip_weights import scale_axis
 
 
 def run(graph: gs.Graph, ctx: CompileContext) -> None:

@@ -17,19 +17,20 @@ from ocs_onnx.pass_manager import Pass
 from ocs_onnx.quant import (
     dequantize,
     fake_quantize_symmetric,
-    max_abs,
     merge_split_channels,
     quantize_symmetric,
     sqnr_db,
     symmetric_scale,
 )
 
-from .weight_scales import scale_axis
+from .clip_weights import clip_thresholds, scale_axis
 
 
-def _record_sqnr(plan: LayerPlan, q: np.ndarray, axis: int | None, bits: int) -> None:
+def _record_sqnr(plan: LayerPlan, q: np.ndarray, axis: int | None, ctx: CompileContext) -> None:
+    """SQNR of the layer's effective weight, and of the same clip method without OCS."""
+    bits = ctx.config.weight_bits
     w0 = plan.original_weight
-    plain_scale = symmetric_scale(max_abs(w0, axis), bits)
+    plain_scale = symmetric_scale(clip_thresholds(w0, axis, ctx.config), bits)
     plan.sqnr_without_ocs_db = sqnr_db(w0, fake_quantize_symmetric(w0, plain_scale, bits, axis))
     effective = dequantize(q, plan.scale, axis)
     if plan.splits:
@@ -58,7 +59,7 @@ def run(graph: gs.Graph, ctx: CompileContext) -> None:
     for plan in ctx.layers:
         axis = scale_axis(plan, ctx.config.granularity)
         q = quantize_symmetric(plan.weight.values, plan.scale, bits, axis)
-        _record_sqnr(plan, q, axis, bits)
+        _record_sqnr(plan, q, axis, ctx)
         key = id(plan.weight)
         if key not in done:
             done[key] = _dequantize_node(ctx, plan, q, axis)

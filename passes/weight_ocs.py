@@ -15,7 +15,7 @@ with QLinearConv, where a Gather leaves a Transpose pair around every split Conv
 read the same tensor and duplicate the same channels share these nodes.
 
 This pass writes the *naive* halves; the quantization-aware offsets (paper eq. 6) need the final
-scale and are applied by ``qa-split`` once ``weight-scales`` has chosen it.
+scale and are applied by ``qa-split`` once ``clip-weights`` has chosen it.
 """
 
 from __future__ import annotations
