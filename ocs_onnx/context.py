@@ -69,6 +69,8 @@ class CompileContext:
     # Calibration: {observed tensor name: (min, max)}, and where the samples came from.
     activation_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     activation_histograms: dict = field(default_factory=dict)
+    # Ranges after --aclip: {observed tensor name: (lo, hi)}.
+    activation_clipped_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     activation_qparams: dict[str, ActivationQParams] = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)
     # First calibration batch and the float model's outputs on it (checked after quantization).

@@ -70,7 +70,8 @@ def build_report(ctx: CompileContext, model_in: onnx.ModelProto, model_out: onnx
             "scale": qp.scale,
             "zero_point": qp.zero_point,
             "type": np.dtype(qp.dtype).name,
-            "range": list(ctx.activation_ranges.get(ctx.activations[name], (None, None))),
+            "range": list(ctx.activation_ranges[ctx.activations[name]]),
+            "clip": {"method": ctx.config.aclip, "range": list(ctx.activation_clipped_ranges[ctx.activations[name]])},
         }
         for name, qp in ctx.activation_qparams.items()
     }

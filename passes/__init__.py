@@ -4,6 +4,7 @@ from . import (
     activations,
     batchnorm,
     calibrate,
+    clip_activations,
     clip_weights,
     constants,
     linear,
@@ -32,6 +33,7 @@ DEFAULT_PASSES = [
     clip_weights.PASS,
     qa_split.PASS,
     quantize_weights.PASS,
+    clip_activations.PASS,
     quantize_activations.PASS,
     verify.PASS,
 ]

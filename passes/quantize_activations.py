@@ -13,15 +13,9 @@ import onnx_graphsurgeon as gs
 
 from ocs_onnx.context import CompileContext, LayerPlan
 from ocs_onnx.pass_manager import Pass
-from ocs_onnx.quant import ActivationQParams, asymmetric_uint8_qparams, symmetric_int8_qparams
+from ocs_onnx.quant import ActivationQParams
 
 INT32_LIMIT = 2**31 - 1
-
-
-def activation_qparams(lo: float, hi: float, bits: int, activation_type: str) -> ActivationQParams:
-    if activation_type == "uint8":
-        return asymmetric_uint8_qparams(lo, hi, bits)
-    return symmetric_int8_qparams(lo, hi, bits)
 
 
 def _insert_qdq(graph: gs.Graph, ctx: CompileContext, tensor: gs.Variable, qp: ActivationQParams) -> gs.Variable:
@@ -96,10 +90,8 @@ def run(graph: gs.Graph, ctx: CompileContext) -> None:
     tensors = graph.tensors()
     input_scales: dict[str, float] = {}
     # Graph order (the planned dict's insertion order follows the layers' order): deterministic.
-    for name, source in ctx.activations.items():
-        lo, hi = ctx.activation_ranges[source]
-        qp = activation_qparams(lo, hi, ctx.config.abits, ctx.config.activation_type)
-        ctx.activation_qparams[name] = qp
+    for name in ctx.activations:
+        qp = ctx.activation_qparams[name]
         dequantized = _insert_qdq(graph, ctx, tensors[name], qp)
         input_scales[dequantized.name] = qp.scale
     for plan in ctx.layers:

@@ -258,3 +258,25 @@ def test_an_all_zero_weight_quantizes_to_zero_without_dividing_by_zero():
     assert layer["sqnr_db"] == {"without_ocs": None, "with_ocs": None}
     (y,) = run_model(quantized, builders.random_inputs(model))
     assert np.isfinite(y).all()
+
+
+def test_activation_clip_narrows_ranges_from_the_calibration_histogram():
+    _, plain = ocs_onnx.compile(str(digits.MODEL), calib_data=digits.CALIBRATION)
+    _, clipped = ocs_onnx.compile(str(digits.MODEL), calib_data=digits.CALIBRATION, aclip="percentile", percentile=99.0)
+    name = "relu2_out"  # a Relu output read by two layers
+    full, narrowed = plain["activations"][name], clipped["activations"][name]
+    assert full["clip"]["range"] == full["range"]
+    assert narrowed["range"] == full["range"] and narrowed["clip"]["method"] == "percentile"
+    assert 0 < narrowed["clip"]["range"][1] < full["range"][1]
+    assert narrowed["scale"] < full["scale"]
+
+
+@pytest.mark.parametrize("method", ["mse", "aciq", "kl", "percentile"])
+def test_every_clip_method_compiles_the_demo_model(method):
+    quantized, report = ocs_onnx.compile(
+        str(digits.MODEL), wbits=5, wclip=method, aclip=method, calib_data=digits.CALIBRATION, granularity="tensor"
+    )
+    assert report["layers"][0]["clip"]["method"] == method
+    assert all(layer["clip"]["threshold"] <= layer["clip"]["max_abs"] for layer in report["layers"])
+    assert report["onnxruntime"]["integer_kernels"] == len(report["layers"])
+    assert digits.accuracy(quantized) > 90.0

@@ -1,0 +1,67 @@
+"""clip-activations: the quantization parameters of every planned activation, from its
+calibrated range, clipped by ``--aclip`` on its calibration histogram.
+
+The clip methods work on the histogram of |x|; the threshold alpha then narrows the range to
+[max(lo, -alpha), min(hi, alpha)]. For a tensor that is never negative (a Relu output) on a uint8
+grid, ``mse`` searches the unsigned grid of 2^k - 1 steps over [0, alpha]; the other methods
+assume the symmetric grid and so clip a little more than that grid would need.
+"""
+
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+
+from ocs_onnx.clip import (
+    aciq_threshold_histogram,
+    kl_threshold,
+    mse_threshold_histogram,
+    percentile_threshold_histogram,
+)
+from ocs_onnx.config import CompileConfig
+from ocs_onnx.context import CompileContext
+from ocs_onnx.histogram import SymmetricHistogram
+from ocs_onnx.pass_manager import Pass
+from ocs_onnx.quant import ActivationQParams, asymmetric_uint8_qparams, symmetric_int8_qparams
+
+
+def activation_qparams(lo: float, hi: float, bits: int, activation_type: str) -> ActivationQParams:
+    if activation_type == "uint8":
+        return asymmetric_uint8_qparams(lo, hi, bits)
+    return symmetric_int8_qparams(lo, hi, bits)
+
+
+def activation_threshold(histogram: SymmetricHistogram, lo: float, config: CompileConfig) -> float:
+    """The ``--aclip`` threshold of |x| for one activation."""
+    counts, edges = histogram.absolute()
+    bits, method = config.abits, config.aclip
+    if method == "mse":
+        unsigned = lo >= 0 and config.activation_type == "uint8"
+        return mse_threshold_histogram(counts, edges, bits, symmetric=not unsigned)
+    if method == "aciq":
+        return aciq_threshold_histogram(counts, edges, bits)
+    if method == "kl":
+        return kl_threshold(counts, edges, bits)
+    return percentile_threshold_histogram(counts, edges, config.percentile)
+
+
+def run(graph: gs.Graph, ctx: CompileContext) -> None:
+    config = ctx.config
+    if config.abits is None:
+        return
+    ctx.activation_clipped_ranges = {}
+    for source in dict.fromkeys(ctx.activations.values()):
+        lo, hi = ctx.activation_ranges[source]
+        histogram = ctx.activation_histograms.get(source)
+        if config.aclip != "none" and histogram is not None and histogram.limit > 0:
+            alpha = activation_threshold(histogram, lo, config)
+            if alpha > 0:
+                lo, hi = max(lo, -alpha), min(hi, alpha)
+        ctx.activation_clipped_ranges[source] = (lo, hi)
+    for name, source in ctx.activations.items():
+        lo, hi = ctx.activation_clipped_ranges[source]
+        ctx.activation_qparams[name] = activation_qparams(lo, hi, config.abits, config.activation_type)
+
+
+PASS = Pass(
+    "clip-activations", "activation ranges clipped by --aclip on the calibration histograms; Q/DQ parameters", run
+)
