@@ -109,6 +109,12 @@ def _list_passes() -> None:
     help="uint8 with zero point (asymmetric) or int8 symmetric activations.",
 )
 @click.option(
+    "--ocs-guard/--no-ocs-guard",
+    default=True,
+    show_default=True,
+    help="Split a layer only when that lowers its weight quantization error.",
+)
+@click.option(
     "--wclip",
     type=click.Choice(CLIP_METHODS),
     default="none",
@@ -175,6 +181,7 @@ def compile_command(
     abits,
     ratio,
     split,
+    ocs_guard,
     granularity,
     activation_type,
     wclip,
@@ -207,6 +214,7 @@ def compile_command(
         abits=abits,
         ratio=ratio,
         split=split,
+        ocs_guard=ocs_guard,
         granularity=granularity,
         activation_type=activation_type,
         wclip=wclip,

@@ -24,6 +24,8 @@ class CompileConfig:
     # OCS expansion ratio r: ceil(r * C_in) extra input channels per splittable layer.
     ratio: float = 0.02
     split: str = "qa"
+    # Keep a layer's splits only when they lower its weight quantization error.
+    ocs_guard: bool = True
     granularity: str = "channel"
     # uint8 with a zero point (asymmetric) or int8 with zero point 0 (symmetric).
     activation_type: str = "uint8"

@@ -14,6 +14,12 @@ the copied channels because onnxruntime's layout optimizer moves Slice and Conca
 with QLinearConv, where a Gather leaves a Transpose pair around every split Conv. Layers that
 read the same tensor and duplicate the same channels share these nodes.
 
+A layer keeps its splits only if they lower its weight quantization error (the squared error of
+the weight the quantized layer effectively applies, at the configured bits, granularity and clip
+method): where the largest weights of a layer are all about the same size, halving one channel
+barely moves the grid and only adds rounding, and the extra channels would cost for nothing.
+``--no-ocs-guard`` splits regardless, as the paper does.
+
 This pass writes the *naive* halves; the quantization-aware offsets (paper eq. 6) need the final
 scale and are applied by ``qa-split`` once ``clip-weights`` has chosen it.
 """
@@ -25,7 +31,19 @@ import onnx_graphsurgeon as gs
 
 from ocs_onnx.context import CompileContext, LayerPlan
 from ocs_onnx.pass_manager import Pass
-from ocs_onnx.quant import apply_channel_splits, channel_origins, plan_channel_splits, split_count
+from ocs_onnx.config import CompileConfig
+from ocs_onnx.quant import (
+    apply_channel_splits,
+    channel_origins,
+    dequantize,
+    merge_split_channels,
+    plan_channel_splits,
+    quantize_symmetric,
+    split_count,
+    symmetric_scale,
+)
+
+from .clip_weights import clip_thresholds, scale_axis
 
 
 def _shape_with(x: gs.Variable, axis: int, channels) -> list | None:
@@ -73,10 +91,29 @@ def _widen_input(
     return nodes, widened
 
 
+def quantization_error(plan: LayerPlan, splits: list[int], config: CompileConfig) -> float:
+    """Squared error of the weight the layer effectively applies after splitting by ``splits``,
+    clipping, (QA) splitting with the final scale, and quantizing: the pipeline's own steps."""
+    w0, in_axis = plan.original_weight, plan.weight_in_axis
+    axis = scale_axis(plan, config.granularity)
+    naive = apply_channel_splits(w0, in_axis, splits)
+    scale = symmetric_scale(clip_thresholds(naive, axis, config), config.weight_bits)
+    split = apply_channel_splits(w0, in_axis, splits, qa_scale=scale, out_axis=axis) if config.split == "qa" else naive
+    effective = dequantize(quantize_symmetric(split, scale, config.weight_bits, axis), scale, axis)
+    merged = merge_split_channels(effective, in_axis, channel_origins(w0.shape[in_axis], splits), w0.shape[in_axis])
+    return float(np.sum((w0.astype(np.float64) - merged) ** 2))
+
+
 def _split_layer(plan: LayerPlan, ratio: float, ctx: CompileContext, shared: dict) -> None:
     w = plan.original_weight
     channels = w.shape[plan.weight_in_axis]
-    plan.splits = plan_channel_splits(w, plan.weight_in_axis, split_count(ratio, channels))
+    splits = plan_channel_splits(w, plan.weight_in_axis, split_count(ratio, channels))
+    if splits and ctx.config.ocs_guard:
+        with_ocs, without = quantization_error(plan, splits, ctx.config), quantization_error(plan, [], ctx.config)
+        if not with_ocs < without:
+            plan.not_split_reason = "splitting did not lower this layer's weight quantization error"
+            splits = []
+    plan.splits = splits
     plan.channel_origins = channel_origins(channels, plan.splits)
     if not plan.splits:
         return

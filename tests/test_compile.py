@@ -22,9 +22,17 @@ from .conftest import feed_for, max_relative_error, run_model
 @pytest.mark.parametrize("granularity", ["channel", "tensor"])
 def test_ocs_rewrite_without_quantization_computes_the_same_function(test_model, split, granularity):
     name, model = test_model
-    # Stop after the split offsets are in place, before any value is quantized.
+    # Stop after the split offsets are in place, before any value is quantized; split every
+    # layer (no guard) so that every rewrite is exercised.
     rewritten, report = ocs_onnx.compile(
-        model, abits=None, wbits=4, ratio=0.2, split=split, granularity=granularity, stop_after="qa-split"
+        model,
+        abits=None,
+        wbits=4,
+        ratio=0.2,
+        split=split,
+        granularity=granularity,
+        ocs_guard=False,
+        stop_after="qa-split",
     )
     assert report["totals"]["channels_split"] > 0
     assert any(n.op_type == "Concat" and n.name.endswith("_ocs_concat") for n in rewritten.graph.node)
@@ -36,7 +44,7 @@ def test_ocs_rewrite_without_quantization_computes_the_same_function(test_model,
 
 def test_a_copy_can_be_split_again_and_the_function_is_kept():
     model = builders.mlp_gemm(sizes=(4, 8, 3))
-    rewritten, report = ocs_onnx.compile(model, abits=None, ratio=1.0, stop_after="qa-split")
+    rewritten, report = ocs_onnx.compile(model, abits=None, ratio=1.0, ocs_guard=False, stop_after="qa-split")
     splits = {layer["name"]: layer["split_channels"] for layer in report["layers"]}
     assert any(len(set(c)) < len(c) for c in splits.values())  # some original channel split twice
     feed = builders.random_inputs(model, batch=5)
@@ -280,3 +288,20 @@ def test_every_clip_method_compiles_the_demo_model(method):
     assert all(layer["clip"]["threshold"] <= layer["clip"]["max_abs"] for layer in report["layers"])
     assert report["onnxruntime"]["integer_kernels"] == len(report["layers"])
     assert digits.accuracy(quantized) > 90.0
+
+
+CLIP_CASES = [(m, g) for m in ("mse", "aciq", "percentile") for g in ("tensor", "channel")] + [("kl", "tensor")]
+
+
+@pytest.mark.parametrize("method, granularity", CLIP_CASES)
+def test_ocs_plus_clip_never_has_a_larger_weight_error_than_clip_alone(test_model, method, granularity):
+    name, model = test_model
+    for bits in (4, 6):
+        _, report = ocs_onnx.compile(
+            model, wbits=bits, abits=None, ratio=0.02, granularity=granularity, wclip=method, verify=False
+        )
+        for layer in report["layers"]:
+            without, with_ocs = layer["sqnr_db"]["without_ocs"], layer["sqnr_db"]["with_ocs"]
+            assert with_ocs >= without, (layer["name"], bits)
+            if layer["split"]:  # a split is kept only where it lowered the error
+                assert with_ocs > without, (layer["name"], bits)
