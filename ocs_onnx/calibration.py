@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .errors import CalibrationDataError
+from .errors import CalibrationDataError, first_line
 from .histogram import SymmetricHistogram
 
 # Symbolic (dynamic) dimensions other than the batch axis get this size in synthetic inputs.
@@ -363,8 +363,9 @@ def observe_ranges(
         try:
             values = session.run(fetched + outputs, feed)
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CalibrationDataError(f"onnxruntime could not run the model on calibration batch {index}: {first}")
+            raise CalibrationDataError(
+                f"onnxruntime could not run the model on calibration batch {index}: {first_line(exc)}"
+            )
         for name, value in zip(fetched, values):
             observers[name].update(value)
         for name in tensor_names:

@@ -16,7 +16,7 @@ import click
 from . import __version__
 from .clip import CLIP_METHODS
 from .config import ACTIVATION_TYPES, GRANULARITIES, SPLIT_MODES, CompileConfig
-from .errors import INTERNAL, USAGE, OcsError, UsageError
+from .errors import INTERNAL, USAGE, OcsError, UsageError, first_line
 from .model_io import default_output_path
 
 log = logging.getLogger("ocs_onnx")
@@ -262,9 +262,9 @@ def main(argv=None) -> int:
     except Exception as exc:  # a bug in ocs-onnx: say so in one line, keep the traceback for --debug
         if debug:
             traceback.print_exc()
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         click.echo(
-            f"ocs-onnx: internal error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)", err=True
+            f"ocs-onnx: internal error: {type(exc).__name__}: {str(exc).strip() and first_line(exc)} (rerun with --debug for the traceback)",
+            err=True,
         )
         return INTERNAL
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from .calibration import ReferenceBatch
 from .config import CompileConfig
 from .quant import ActivationQParams
 
@@ -74,7 +75,7 @@ class CompileContext:
     activation_qparams: dict[str, ActivationQParams] = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)
     # First calibration batch and the float model's outputs on it (checked after quantization).
-    reference_batch: object | None = None
+    reference_batch: ReferenceBatch | None = None
     normalization: dict = field(default_factory=dict)
     verification: dict = field(default_factory=dict)
     pass_seconds: dict[str, float] = field(default_factory=dict)

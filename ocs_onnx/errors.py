@@ -16,6 +16,13 @@ CALIBRATION_DATA = 5
 VERIFICATION = 6
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (or its type name): one-line errors are the
+    contract, and library messages often run to several lines."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class OcsError(Exception):
     """An error with a one-line message meant for the user, and an exit code."""
 

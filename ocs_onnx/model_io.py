@@ -13,14 +13,9 @@ import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 
 from . import __version__
-from .errors import InvalidModelError, UsageError
+from .errors import InvalidModelError, UsageError, first_line
 
 PRODUCER_NAME = "ocs-onnx"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
@@ -40,15 +35,15 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
         try:
             model = onnx.load(str(path))
         except (DecodeError, RuntimeWarning, ValueError, OSError) as exc:
-            raise InvalidModelError(f"{path}: not a readable ONNX model ({_first_line(exc)})")
+            raise InvalidModelError(f"{path}: not a readable ONNX model ({first_line(exc)})")
         except onnx.checker.ValidationError as exc:
-            raise InvalidModelError(f"{path}: invalid external data ({_first_line(exc)})")
+            raise InvalidModelError(f"{path}: invalid external data ({first_line(exc)})")
     if not model.HasField("graph") or len(model.graph.node) == 0:
         raise InvalidModelError(f"{where}: not an ONNX model (no graph or no nodes)")
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
-        raise InvalidModelError(f"{where}: fails onnx.checker: {_first_line(exc)}")
+        raise InvalidModelError(f"{where}: fails onnx.checker: {first_line(exc)}")
     return model
 
 

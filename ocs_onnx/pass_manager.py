@@ -15,7 +15,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .context import CompileContext, log
-from .errors import OcsError, UsageError
+from .errors import OcsError, UsageError, first_line
 from .model_io import graph_to_model
 
 
@@ -75,8 +75,9 @@ class PassManager:
                 try:
                     check_graph(graph)
                 except onnx.checker.ValidationError as exc:
-                    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                    raise InvalidGraphError(f"internal error: pass {p.name!r} produced an invalid graph: {first_line}")
+                    raise InvalidGraphError(
+                        f"internal error: pass {p.name!r} produced an invalid graph: {first_line(exc)}"
+                    )
             if dump is not None and p.name in dump_after:
                 dump(p.name, graph)
             if p.name == stop_after:

@@ -7,7 +7,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ocs_onnx.context import CompileContext
-from ocs_onnx.errors import UnsupportedModelError
+from ocs_onnx.errors import UnsupportedModelError, first_line
 from ocs_onnx.model_io import graph_to_model, model_to_graph
 from ocs_onnx.pass_manager import Pass
 
@@ -24,7 +24,7 @@ def run(graph: gs.Graph, ctx: CompileContext) -> gs.Graph | None:
         upgraded = onnx.version_converter.convert_version(model, MIN_OPSET)
         onnx.checker.check_model(upgraded)
     except Exception as exc:  # the converter raises bare RuntimeErrors and checker errors
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         # the converter's assertions start with its source location: keep what failed
         reason = reason.split("failed:", 1)[-1].strip()
         raise UnsupportedModelError(

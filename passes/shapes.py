@@ -7,6 +7,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ocs_onnx.context import CompileContext
+from ocs_onnx.errors import first_line
 from ocs_onnx.model_io import graph_to_model, model_to_graph
 from ocs_onnx.pass_manager import Pass
 
@@ -16,7 +17,7 @@ def run(graph: gs.Graph, ctx: CompileContext) -> gs.Graph | None:
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
     except Exception as exc:  # inference is a convenience; a model it cannot follow still compiles
-        ctx.warn(f"shape inference failed, continuing without it: {str(exc).strip().splitlines()[0]}")
+        ctx.warn(f"shape inference failed, continuing without it: {first_line(exc)}")
         return None
     return model_to_graph(inferred)
 

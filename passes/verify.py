@@ -19,7 +19,7 @@ import onnxruntime as ort
 
 from ocs_onnx.calibration import model_input_specs, prepare_feed, synthetic_batches
 from ocs_onnx.context import CompileContext
-from ocs_onnx.errors import VerificationError
+from ocs_onnx.errors import VerificationError, first_line
 from ocs_onnx.model_io import graph_to_model
 from ocs_onnx.pass_manager import Pass
 from ocs_onnx.quant import sqnr_db
@@ -46,11 +46,6 @@ INTEGER_KERNELS = frozenset(
 KERNEL_AGREEMENT_WARN_DB = 25.0
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def optimized_op_counts(model_bytes: bytes) -> tuple[ort.InferenceSession, Counter]:
     """A session on the model and the op types of the graph onnxruntime optimized it into."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -69,7 +64,7 @@ def run(graph: gs.Graph, ctx: CompileContext) -> None:
     try:
         session, ops = optimized_op_counts(model.SerializeToString())
     except Exception as exc:
-        raise VerificationError(f"onnxruntime cannot load the compiled model: {_first_line(exc)}")
+        raise VerificationError(f"onnxruntime cannot load the compiled model: {first_line(exc)}")
     quantized = len(ctx.layers) if ctx.config.abits is not None else 0
     integer = sum(count for op, count in ops.items() if op in INTEGER_KERNELS)
     result = {
@@ -91,7 +86,7 @@ def run(graph: gs.Graph, ctx: CompileContext) -> None:
     try:
         outputs = session.run(None, feed)
     except Exception as exc:
-        raise VerificationError(f"onnxruntime cannot run the compiled model: {_first_line(exc)}")
+        raise VerificationError(f"onnxruntime cannot run the compiled model: {first_line(exc)}")
     names = [o.name for o in session.get_outputs()]
     if not all(np.isfinite(o).all() for o in outputs if np.asarray(o).dtype.kind == "f"):
         ctx.warn("the compiled model produced NaN or Inf on the verification batch")
