@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import zipfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import CalibrationDataError, first_line
-from .histogram import SymmetricHistogram
+from .histogram import ChannelHistograms, SymmetricHistogram
 
 # Symbolic (dynamic) dimensions other than the batch axis get this size in synthetic inputs.
 SYNTHETIC_DYNAMIC_DIM = 32
@@ -301,18 +301,29 @@ def prepare_feed(feed: dict[str, np.ndarray], specs: list[InputSpec], where: str
 
 class RangeObserver:
     """Running min/max of one tensor and a histogram of its values, updated batch by batch in
-    constant memory (clip methods for activations read the histogram)."""
+    constant memory (clip methods for activations read the histogram). Given a channel layout,
+    it also keeps one histogram per channel (activation OCS reads them)."""
 
-    def __init__(self):
+    def __init__(self, channel_layout: tuple[int, int] | None = None):
         self.lo = np.inf
         self.hi = -np.inf
         self.histogram = SymmetricHistogram()
+        self.channel_axis, channels = channel_layout if channel_layout is not None else (None, 0)
+        self.channel_histograms = ChannelHistograms(channels) if channel_layout is not None else None
 
     def update(self, values: np.ndarray) -> None:
         if values.size:
             self.lo = min(self.lo, float(values.min()))
             self.hi = max(self.hi, float(values.max()))
             self.histogram.update(values)
+            if self.channel_histograms is not None:
+                axis = self.channel_axis
+                if values.ndim > (axis if axis >= 0 else -axis - 1) and (
+                    values.shape[axis] == self.channel_histograms.channels
+                ):
+                    self.channel_histograms.update(values, axis)
+                else:  # not the layout the layers promised: no per-channel statistics (no split)
+                    self.channel_histograms = None
 
     @property
     def range(self) -> tuple[float, float]:
@@ -333,6 +344,7 @@ class CalibrationResult:
     histograms: dict[str, SymmetricHistogram]
     samples: int
     reference: ReferenceBatch | None
+    channel_histograms: dict[str, ChannelHistograms] = field(default_factory=dict)
 
 
 def observe_ranges(
@@ -341,9 +353,12 @@ def observe_ranges(
     batches: Iterator[dict[str, np.ndarray]],
     specs: list[InputSpec],
     on_batch: Callable[[int], None] | None = None,
+    channel_layouts: dict[str, tuple[int, int]] | None = None,
 ) -> CalibrationResult:
     """Runs ``model`` on every batch: the range of every tensor, the sample count, and the first
-    batch with the model's outputs on it (the reference the quantized model is checked against)."""
+    batch with the model's outputs on it (the reference the quantized model is checked against).
+    Tensors in ``channel_layouts`` ({name: (channel axis, channels)}) also get per-channel
+    histograms."""
     input_names = {s.name for s in specs}
     outputs = [o.name for o in model.graph.output]
     graph_outputs = set(outputs)
@@ -355,7 +370,8 @@ def observe_ranges(
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    observers = {name: RangeObserver() for name in tensor_names}
+    layouts = channel_layouts or {}
+    observers = {name: RangeObserver(layouts.get(name)) for name in tensor_names}
     samples = 0
     reference = None
     for index, feed in enumerate(batches):
@@ -381,4 +397,5 @@ def observe_ranges(
         {name: obs.histogram for name, obs in observers.items()},
         samples,
         reference,
+        {name: obs.channel_histograms for name, obs in observers.items() if obs.channel_histograms is not None},
     )

@@ -88,6 +88,14 @@ def _list_passes() -> None:
     help="OCS expansion ratio r: ceil(r * C_in) channel splits per layer (0 disables OCS).",
 )
 @click.option(
+    "--act-ratio",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Activation OCS ratio: split ceil(r * C) channels of each layer input, those with the most "
+    "calibration values beyond the tensor's 99th percentile (0 disables).",
+)
+@click.option(
     "--split",
     type=click.Choice(SPLIT_MODES),
     default="qa",
@@ -180,6 +188,7 @@ def compile_command(
     wbits,
     abits,
     ratio,
+    act_ratio,
     split,
     ocs_guard,
     granularity,
@@ -213,6 +222,7 @@ def compile_command(
         wbits=wbits,
         abits=abits,
         ratio=ratio,
+        act_ratio=act_ratio,
         split=split,
         ocs_guard=ocs_guard,
         granularity=granularity,

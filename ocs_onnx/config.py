@@ -23,6 +23,8 @@ class CompileConfig:
     abits: int | None = 8
     # OCS expansion ratio r: ceil(r * C_in) extra input channels per splittable layer.
     ratio: float = 0.02
+    # Activation OCS ratio: ceil(r * C) channels of a layer's input split, chosen by calibration.
+    act_ratio: float = 0.0
     split: str = "qa"
     # Keep a layer's splits only when they lower its weight quantization error.
     ocs_guard: bool = True
@@ -54,8 +56,11 @@ class CompileConfig:
         _check_bits("--wbits", self.wbits)
         if self.abits is not None:
             _check_bits("--abits", self.abits)
-        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0.0 <= self.ratio <= 1.0:
-            raise UsageError(f"--ratio must be a number between 0 and 1, got {self.ratio!r}")
+        for flag, value in (("--ratio", self.ratio), ("--act-ratio", self.act_ratio)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise UsageError(f"{flag} must be a number between 0 and 1, got {value!r}")
+        if self.act_ratio > 0 and self.abits is None:
+            raise UsageError("--act-ratio splits activations, which --abits none leaves float: drop one of the two")
         _check_choice("--split", self.split, SPLIT_MODES)
         _check_choice("--granularity", self.granularity, GRANULARITIES)
         _check_choice("--activation-type", self.activation_type, ACTIVATION_TYPES)

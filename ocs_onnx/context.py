@@ -33,6 +33,9 @@ class LayerPlan:
     # OCS: the channel split at each step, and the original channel of every channel after.
     splits: list[int] = field(default_factory=list)
     channel_origins: list[int] | None = None
+    # Activation OCS: the input channels copied (with their weight rows, unchanged) before
+    # weight OCS ran; original_weight already holds those rows.
+    activation_copies: list[int] = field(default_factory=list)
     # Weight range, clip threshold and scale (scalars, or one per output channel), set on the
     # split weights by clip-weights.
     max_abs: np.ndarray | None = None
@@ -53,6 +56,25 @@ class LayerPlan:
     def input_channels(self) -> int:
         return int(self.original_weight.shape[self.weight_in_axis])
 
+    @property
+    def model_weight_size(self) -> int:
+        """Size of the weight as the input model has it (before any copy of activation OCS)."""
+        channels = self.input_channels
+        return self.original_weight.size // channels * (channels - len(self.activation_copies))
+
+
+@dataclass
+class ActivationSplit:
+    """One activation split by activation OCS: ``tensor`` becomes the split tensor that its
+    layers read, ``Concat(tensor, copies) * factor (+ offset)``."""
+
+    tensor: str
+    channels: list[int]
+    # The Add of the quantization-aware offsets (None for --split naive) and the offsets in
+    # units of the split tensor's quantization step, set once that step is known.
+    offset: gs.Constant | None
+    offset_steps: np.ndarray
+
 
 @dataclass
 class CompileContext:
@@ -67,12 +89,20 @@ class CompileContext:
     # Tensors made by weight-ocs to duplicate input channels (the Gather of the split channels
     # and the Concat that appends them): {tensor name: the tensor whose channels they copy}.
     ocs_duplicates: dict[str, str] = field(default_factory=dict)
+    # Activation OCS: tensors that may be split, {name: (channel axis, channels)}, their
+    # per-channel calibration histograms, and the splits made, {split tensor: ActivationSplit}.
+    activation_split_candidates: dict[str, tuple[int, int]] = field(default_factory=dict)
+    activation_channel_histograms: dict = field(default_factory=dict)
+    activation_splits: dict[str, "ActivationSplit"] = field(default_factory=dict)
     # Calibration: {observed tensor name: (min, max)}, and where the samples came from.
     activation_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     activation_histograms: dict = field(default_factory=dict)
     # Ranges after --aclip: {observed tensor name: (lo, hi)}.
     activation_clipped_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     activation_qparams: dict[str, ActivationQParams] = field(default_factory=dict)
+    # --aclip thresholds of |x| and SQNR estimated on the histogram: {observed tensor name: value}.
+    activation_clip_thresholds: dict[str, float] = field(default_factory=dict)
+    activation_sqnr_db: dict[str, float | None] = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)
     # First calibration batch and the float model's outputs on it (checked after quantization).
     reference_batch: ReferenceBatch | None = None

@@ -60,3 +60,77 @@ class SymmetricHistogram:
     @property
     def total(self) -> int:
         return int(self.counts.sum())
+
+
+class ChannelHistograms:
+    """One histogram per channel of a tensor, on a shared range that grows like
+    ``SymmetricHistogram``'s. Activation OCS reads it twice: to find the channels that hold the
+    tensor's outliers, and to build the histogram the tensor will have once those channels are
+    split, without running the model again."""
+
+    def __init__(self, channels: int, bins: int = DEFAULT_BINS):
+        if bins < 2 or bins % 4:
+            raise ValueError("bins must be a positive multiple of 4")
+        self.bins = bins
+        self.counts = np.zeros((channels, bins), dtype=np.int64)
+        self.limit = 0.0
+        self.lo = np.full(channels, np.inf)
+        self.hi = np.full(channels, -np.inf)
+
+    @property
+    def channels(self) -> int:
+        return self.counts.shape[0]
+
+    def update(self, values: np.ndarray, axis: int) -> None:
+        """Adds ``values``, whose ``axis`` holds the channels."""
+        per_channel = np.moveaxis(np.asarray(values, dtype=np.float64), axis, -1).reshape(-1, self.channels)
+        if per_channel.size == 0:
+            return
+        self.lo = np.minimum(self.lo, per_channel.min(axis=0))
+        self.hi = np.maximum(self.hi, per_channel.max(axis=0))
+        peak = float(np.abs(per_channel).max())
+        if self.limit == 0.0:
+            if peak == 0.0:
+                self.counts[:, self.bins // 2] += per_channel.shape[0]
+                return
+            self.limit = peak
+        while peak > self.limit:
+            merged = self.counts.reshape(self.channels, -1, 2).sum(axis=2)
+            self.counts = np.zeros_like(self.counts)
+            quarter = self.bins // 4
+            self.counts[:, quarter : quarter + merged.shape[1]] = merged
+            self.limit *= 2.0
+        index = np.floor((per_channel + self.limit) / (2 * self.limit) * self.bins).astype(np.int64)
+        np.clip(index, 0, self.bins - 1, out=index)
+        index += np.arange(self.channels, dtype=np.int64) * self.bins  # one block of bins per channel
+        self.counts += np.bincount(index.ravel(), minlength=self.counts.size).reshape(self.counts.shape)
+
+    def tensor_histogram(self, channels: np.ndarray | None = None) -> SymmetricHistogram:
+        """The histogram of the whole tensor (or of the listed channels, with repeats)."""
+        histogram = SymmetricHistogram(self.bins)
+        histogram.limit = self.limit
+        rows = self.counts if channels is None else self.counts[np.asarray(channels, dtype=np.int64)]
+        histogram.counts = rows.sum(axis=0)
+        return histogram
+
+    def counts_beyond_percentile(self, percentile: float) -> np.ndarray:
+        """Per channel, how many |values| lie above the bin that holds the tensor's
+        ``percentile``-th percentile of |x| (the outlier count of paper sec. 5.3)."""
+        half = self.bins // 2
+        folded = self.counts[:, half:] + self.counts[:, :half][:, ::-1]  # |x|, bin 0 at zero
+        cumulative = np.cumsum(folded.sum(axis=0))
+        if cumulative[-1] == 0:
+            return np.zeros(self.channels, dtype=np.int64)
+        boundary = int(np.searchsorted(cumulative, percentile / 100.0 * cumulative[-1]))
+        return folded[:, boundary + 1 :].sum(axis=1)
+
+
+def halve(histogram: SymmetricHistogram) -> SymmetricHistogram:
+    """The histogram of the same values divided by two, on the same range. Exact: with bin edges
+    at multiples of the bin width w, bin [i*w, (i+1)*w) halves into the bin [floor(i/2)*w, ...)."""
+    half = histogram.bins // 2
+    target = (np.arange(histogram.bins) - half) // 2 + half
+    halved = SymmetricHistogram(histogram.bins)
+    halved.limit = histogram.limit
+    halved.counts = np.bincount(target, weights=histogram.counts, minlength=histogram.bins).astype(np.int64)
+    return halved

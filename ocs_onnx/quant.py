@@ -146,6 +146,29 @@ def symmetric_int8_qparams(lo: float, hi: float, bits: int) -> ActivationQParams
     return ActivationQParams(float(np.float32(scale)), 0, np.int8)
 
 
+def fake_quantize_activation(x: np.ndarray, qp: ActivationQParams, bits: int) -> np.ndarray:
+    """x quantized on the k-bit activation grid of ``qp`` (saturating at the grid's ends) and
+    dequantized, with QuantizeLinear's rounding (half to even)."""
+    if qp.dtype == np.uint8:
+        lo, hi = 0, 2**bits - 1
+    else:
+        hi = symmetric_qmax(bits)
+        lo = -hi
+    q = np.clip(np.rint(np.asarray(x, dtype=np.float64) / qp.scale) + qp.zero_point, lo, hi)
+    return (q - qp.zero_point) * qp.scale
+
+
+def histogram_sqnr_db(counts: np.ndarray, edges: np.ndarray, qp: ActivationQParams, bits: int) -> float | None:
+    """SQNR of an activation under ``qp``, estimated on its calibration histogram (every value
+    taken at its bin's centre)."""
+    centres = (edges[:-1] + edges[1:]) / 2
+    signal = float(np.sum(counts * centres**2))
+    noise = float(np.sum(counts * (centres - fake_quantize_activation(centres, qp, bits)) ** 2))
+    if signal == 0.0:
+        return None
+    return float("inf") if noise == 0.0 else 10 * math.log10(signal / noise)
+
+
 # --------------------------------------------------------------------------------------------
 # Outlier channel splitting
 # --------------------------------------------------------------------------------------------
@@ -177,6 +200,32 @@ def plan_channel_splits(w: np.ndarray, in_axis: int, n_splits: int) -> list[int]
         channel_max.append(channel_max[source])
         splits.append(source)
     return splits
+
+
+def plan_activation_splits(outlier_counts: np.ndarray, ratio: float) -> list[int]:
+    """Activation OCS channel selection (paper sec. 5.3): the ``ceil(r * C)`` channels with the
+    most calibration values beyond the tensor's 99th percentile, in ascending order. A channel
+    with no such value is never split (it holds no outlier to move); ties go to the lowest index.
+    Each channel is split at most once: unlike weights, the values are not known, only counted.
+    """
+    counts = np.asarray(outlier_counts)
+    ranked = np.argsort(-counts, kind="stable")[: split_count(ratio, counts.size)]
+    return sorted(int(c) for c in ranked if counts[c] > 0)
+
+
+def activation_split_factors(channels: int, split: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The Mul and Add constants of an activation split, over the channels after splitting
+    (the original ones, then a copy of each split channel): both copies are halved, and the
+    quantization-aware offsets are -1/4 and +1/4 of the activation step, so that
+    Q(x/2 - s/4) + Q(x/2 + s/4) == Q(x) (the activation form of eq. 6, by Hermite's identity
+    floor(y) + floor(y + 1/2) == floor(2y)). The offsets returned are in units of the step."""
+    factor = np.ones(channels + len(split), dtype=np.float32)
+    offset = np.zeros(channels + len(split), dtype=np.float32)
+    factor[split] = 0.5
+    factor[channels:] = 0.5
+    offset[split] = -0.25
+    offset[channels:] = 0.25
+    return factor, offset
 
 
 def channel_origins(channels: int, splits: list[int]) -> list[int]:

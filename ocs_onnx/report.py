@@ -22,7 +22,8 @@ def _scale_value(scale) -> float | list[float]:
 
 
 def _round(value: float | None, digits: int = 3) -> float | None:
-    return None if value is None else round(float(value), digits)
+    """Rounded for reading; None where there is no finite value (JSON has no infinity)."""
+    return None if value is None or not math.isfinite(value) else round(float(value), digits)
 
 
 def combined_sqnr_db(plans: list[LayerPlan], attribute: str) -> float | None:
@@ -39,15 +40,18 @@ def combined_sqnr_db(plans: list[LayerPlan], attribute: str) -> float | None:
 def layer_entry(plan: LayerPlan, ctx: CompileContext) -> dict:
     original = plan.original_weight
     split_channels = plan.channel_origins[original.shape[plan.weight_in_axis] :] if plan.channel_origins else []
+    model_shape = list(original.shape)
+    model_shape[plan.weight_in_axis] -= len(plan.activation_copies)
     return {
         "name": plan.name,
         "op": plan.op,
-        "weight_shape": list(original.shape),
+        "weight_shape": model_shape,
         "weight_shape_after": list(plan.weight.shape) if plan.splits else list(original.shape),
         "split": bool(plan.splits),
         "not_split_reason": plan.not_split_reason,
         "channels_split": len(plan.splits),
         "split_channels": [int(c) for c in split_channels],
+        "activation_copies": [int(c) for c in plan.activation_copies],
         "bits": ctx.config.weight_bits,
         "granularity": ctx.config.granularity,
         "scale": _scale_value(plan.scale) if plan.scale is not None else None,
@@ -60,21 +64,33 @@ def layer_entry(plan: LayerPlan, ctx: CompileContext) -> dict:
     }
 
 
+def activation_entry(name: str, qp, ctx: CompileContext) -> dict:
+    source = ctx.activations[name]
+    lo, hi = ctx.activation_ranges[source]
+    split = ctx.activation_splits.get(source)
+    return {
+        "scale": qp.scale,
+        "zero_point": qp.zero_point,
+        "type": np.dtype(qp.dtype).name,
+        "shares_parameters_of": source if source != name else None,
+        "range": [lo, hi],
+        "clip": {
+            "method": ctx.config.aclip,
+            "threshold": ctx.activation_clip_thresholds.get(source),
+            "max_abs": max(abs(lo), abs(hi)),
+            "range": list(ctx.activation_clipped_ranges[source]),
+        },
+        "split": {"of": split.tensor, "channels": split.channels} if split is not None else None,
+        "sqnr_db": _round(ctx.activation_sqnr_db.get(source)),
+    }
+
+
 def build_report(ctx: CompileContext, model_in: onnx.ModelProto, model_out: onnx.ModelProto) -> dict:
     layers = [layer_entry(plan, ctx) for plan in ctx.layers]
-    weights_before = int(sum(p.original_weight.size for p in ctx.layers))
+    weights_before = int(sum(p.model_weight_size for p in ctx.layers))
     weights_after = int(sum((p.weight.values.size if p.splits else p.original_weight.size) for p in ctx.layers))
     params_before, params_after = _weight_count(model_in), _weight_count(model_out)
-    activations = {
-        name: {
-            "scale": qp.scale,
-            "zero_point": qp.zero_point,
-            "type": np.dtype(qp.dtype).name,
-            "range": list(ctx.activation_ranges[ctx.activations[name]]),
-            "clip": {"method": ctx.config.aclip, "range": list(ctx.activation_clipped_ranges[ctx.activations[name]])},
-        }
-        for name, qp in ctx.activation_qparams.items()
-    }
+    activations = {name: activation_entry(name, qp, ctx) for name, qp in ctx.activation_qparams.items()}
     return {
         "ocs_onnx_version": __version__,
         "source": ctx.source,
@@ -89,6 +105,8 @@ def build_report(ctx: CompileContext, model_in: onnx.ModelProto, model_out: onnx
             "quantized_layers": len(ctx.layers),
             "split_layers": sum(1 for p in ctx.layers if p.splits),
             "channels_split": sum(len(p.splits) for p in ctx.layers),
+            "activations_split": len(ctx.activation_splits),
+            "activation_channels_split": sum(len(s.channels) for s in ctx.activation_splits.values()),
             "quantized_weights_before": weights_before,
             "quantized_weights_after": weights_after,
             "weight_overhead": (weights_after / weights_before - 1.0) if weights_before else 0.0,
@@ -157,6 +175,11 @@ def summary_text(report: dict) -> str:
     lines.append(
         f"weight SQNR, all layers: {_db(sqnr['without_ocs']).strip()} without OCS, {_db(sqnr['with_ocs']).strip()} with OCS"
     )
+    if totals["activations_split"]:
+        lines.append(
+            f"activation OCS: split {totals['activations_split']} activations "
+            f"(+{totals['activation_channels_split']} channels, act ratio {config['act_ratio']})"
+        )
     if report["kept_float"]:
         lines.append(f"kept float: {len(report['kept_float'])} Conv/Gemm/MatMul nodes (see report)")
     calib = report["calibration"]

@@ -1,6 +1,7 @@
 """The rewriting passes of ocs-onnx, one file each, in pipeline order."""
 
 from . import (
+    activation_ocs,
     activations,
     batchnorm,
     calibrate,
@@ -27,13 +28,15 @@ DEFAULT_PASSES = [
     shapes.PASS,
     linear.PASS,
     select.PASS,
-    weight_ocs.PASS,
     activations.PASS,
     calibrate.PASS,
+    activation_ocs.PASS,
+    weight_ocs.PASS,
     clip_weights.PASS,
     qa_split.PASS,
     quantize_weights.PASS,
     clip_activations.PASS,
+    activation_ocs.QA_PASS,
     quantize_activations.PASS,
     verify.PASS,
 ]

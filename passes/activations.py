@@ -4,14 +4,20 @@ onnxruntime turns a layer into an integer kernel when its inputs come from Dequa
 for Conv, its output goes into a QuantizeLinear (QLinearConv). MatMul and Gemm fuse with a
 float output (MatMulIntegerToFloat, QGemm). So we quantize:
 
-* the data input of every quantized layer; behind OCS's Slice + Concat, their input and
-  outputs, all with the same parameters, so that onnxruntime drops the pairs around the Slices,
-  runs the Concat as QLinearConcat, and moves 8-bit values;
+* the data input of every quantized layer (weight-ocs, which runs later, adds its Slice and
+  Concat outputs with their input's parameters, so that onnxruntime drops the pairs around the
+  Slices, runs the Concat as QLinearConcat, and moves 8-bit values);
 * the output of every quantized Conv. When that output only feeds a Relu or Clip, the
   activation's output is quantized instead: with a uint8 zero point at the bottom of the
   range, onnxruntime removes the Relu/Clip and QLinearConv clamps for free.
 
 Other float ops read dequantized values where they share a tensor with a quantized layer.
+
+With ``--act-ratio``, the pass also lists the tensors activation OCS may split: a layer input
+that only splittable layers read and that is quantized with its own statistics. A tensor that
+another op also reads (a residual Add, a depthwise Conv), or that shares the parameters of a
+tensor upstream, would still be quantized whole before the split, and splitting it would gain
+nothing.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ocs_onnx.context import CompileContext
+from ocs_onnx.context import CompileContext, LayerPlan
 from ocs_onnx.pass_manager import Pass
 
 # Activations onnxruntime folds into the quantization of the tensor after them.
@@ -45,16 +51,12 @@ def _output_to_quantize(node: gs.Node, graph_outputs: set[str]) -> gs.Tensor:
 def _resolve_sources(planned: dict[str, str], tensors: dict[str, gs.Tensor], ctx: CompileContext) -> None:
     """Points every planned tensor at the tensor whose parameters it must share.
 
-    Behind an OCS Gather, or a data-movement op whose input is quantized anyway, a tensor holds
-    a subset of that input's values: it takes the same parameters, so that onnxruntime drops the
-    pair around the op and moves 8-bit data.
+    Behind a data-movement op whose input is quantized anyway, a tensor holds a subset of that
+    input's values: it takes the same parameters, so that onnxruntime drops the pair around the
+    op and moves 8-bit data.
     """
 
     def source(name: str) -> str:
-        if name in ctx.ocs_duplicates:
-            upstream = ctx.ocs_duplicates[name]
-            planned.setdefault(upstream, upstream)
-            return source(upstream)
         producers = tensors[name].inputs
         if len(producers) == 1 and producers[0].op in DATA_MOVEMENT_OPS and producers[0].inputs[0].name in planned:
             return source(producers[0].inputs[0].name)
@@ -79,12 +81,24 @@ def run(graph: gs.Graph, ctx: CompileContext) -> None:
             out = _output_to_quantize(plan.node, graph_outputs)
             if _is_float(out):
                 planned[out.name] = out.name
-    # Every OCS duplicate feeds a quantized layer: quantizing all of them with their source's
-    # parameters lets onnxruntime run the Slices and the Concat (QLinearConcat) on 8-bit data.
-    for name in ctx.ocs_duplicates:
-        planned.setdefault(name, name)
     _resolve_sources(planned, graph.tensors(), ctx)
     ctx.activations = planned
+    if ctx.config.act_ratio > 0:
+        ctx.activation_split_candidates = _split_candidates(ctx, graph_outputs)
+
+
+def _split_candidates(ctx: CompileContext, graph_outputs: set[str]) -> dict[str, tuple[int, int]]:
+    readers: dict[str, list[LayerPlan]] = {}
+    for plan in ctx.layers:
+        readers.setdefault(plan.node.inputs[0].name, []).append(plan)
+    candidates = {}
+    for name, plans in readers.items():
+        x = plans[0].node.inputs[0]
+        layouts = {(p.input_channel_axis, p.input_channels) for p in plans}
+        private = len(x.outputs) == len(plans) and all(p.splittable for p in plans)
+        if private and len(layouts) == 1 and ctx.activations.get(name) == name and name not in graph_outputs:
+            candidates[name] = layouts.pop()
+    return candidates
 
 
 PASS = Pass("plan-activations", "choose the activation tensors to quantize (layer inputs, Conv outputs)", run)

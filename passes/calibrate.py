@@ -1,4 +1,4 @@
-"""calibrate: runs the float model (after OCS) in onnxruntime on calibration inputs and records
+"""calibrate: runs the float model in onnxruntime on calibration inputs and records
 the range of every activation that gets quantized. Without ``--calib-data`` it calibrates on
 seeded synthetic inputs and says so; with ``--abits none`` there is nothing to calibrate."""
 
@@ -78,11 +78,14 @@ def run(graph: gs.Graph, ctx: CompileContext) -> None:
     if fixed_batch:
         batches = (feed for feed in batches if next(iter(feed.values())).shape[0] == batch)
     names = sorted(set(ctx.activations.values()))
-    result = observe_ranges(model, names, batches, specs, on_batch=_progress(total))
+    result = observe_ranges(
+        model, names, batches, specs, on_batch=_progress(total), channel_layouts=ctx.activation_split_candidates
+    )
     if result.samples == 0:
         raise CalibrationDataError(f"no calibration samples could be used (the model needs batches of exactly {batch})")
     ctx.activation_ranges = result.ranges
     ctx.activation_histograms = result.histograms
+    ctx.activation_channel_histograms = result.channel_histograms
     ctx.reference_batch = result.reference
     ctx.calibration = {"source": source, "samples": result.samples, "batch": batch, "observed_tensors": len(names)}
 

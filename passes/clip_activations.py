@@ -5,6 +5,9 @@ The clip methods work on the histogram of |x|; the threshold alpha then narrows 
 [max(lo, -alpha), min(hi, alpha)]. For a tensor that is never negative (a Relu output) on a uint8
 grid, ``mse`` searches the unsigned grid of 2^k - 1 steps over [0, alpha]; the other methods
 assume the symmetric grid and so clip a little more than that grid would need.
+
+The pass also estimates each activation's SQNR under its final parameters on the histogram,
+for the report.
 """
 
 from __future__ import annotations
@@ -21,7 +24,12 @@ from ocs_onnx.config import CompileConfig
 from ocs_onnx.context import CompileContext
 from ocs_onnx.histogram import SymmetricHistogram
 from ocs_onnx.pass_manager import Pass
-from ocs_onnx.quant import ActivationQParams, asymmetric_uint8_qparams, symmetric_int8_qparams
+from ocs_onnx.quant import (
+    ActivationQParams,
+    asymmetric_uint8_qparams,
+    histogram_sqnr_db,
+    symmetric_int8_qparams,
+)
 
 
 def activation_qparams(lo: float, hi: float, bits: int, activation_type: str) -> ActivationQParams:
@@ -54,9 +62,13 @@ def run(graph: gs.Graph, ctx: CompileContext) -> None:
         histogram = ctx.activation_histograms.get(source)
         if config.aclip != "none" and histogram is not None and histogram.limit > 0:
             alpha = activation_threshold(histogram, lo, config)
+            ctx.activation_clip_thresholds[source] = alpha
             if alpha > 0:
                 lo, hi = max(lo, -alpha), min(hi, alpha)
         ctx.activation_clipped_ranges[source] = (lo, hi)
+        qp = activation_qparams(lo, hi, config.abits, config.activation_type)
+        if histogram is not None and histogram.limit > 0:
+            ctx.activation_sqnr_db[source] = histogram_sqnr_db(histogram.counts, histogram.edges, qp, config.abits)
     for name, source in ctx.activations.items():
         lo, hi = ctx.activation_clipped_ranges[source]
         ctx.activation_qparams[name] = activation_qparams(lo, hi, config.abits, config.activation_type)

@@ -18,18 +18,44 @@ from ocs_onnx.quant import ActivationQParams
 INT32_LIMIT = 2**31 - 1
 
 
-def _insert_qdq(graph: gs.Graph, ctx: CompileContext, tensor: gs.Variable, qp: ActivationQParams) -> gs.Variable:
-    """tensor -> Q -> DQ -> (every former consumer). Returns the dequantized tensor."""
+def grid_limits(qp: ActivationQParams, bits: int) -> tuple[float, float]:
+    """The smallest and largest value of a k-bit activation grid."""
+    if qp.dtype == np.uint8:
+        return qp.scale * (0 - qp.zero_point), qp.scale * (2**bits - 1 - qp.zero_point)
+    qmax = 2 ** (bits - 1) - 1
+    return -qp.scale * qmax, qp.scale * qmax
+
+
+def _insert_qdq(
+    graph: gs.Graph, ctx: CompileContext, tensor: gs.Variable, qp: ActivationQParams, bits: int
+) -> gs.Variable:
+    """tensor -> Q -> DQ -> (every former consumer). Returns the dequantized tensor.
+
+    A k-bit grid with k < 8 lives inside the 8-bit type, whose QuantizeLinear saturates at the
+    8-bit limits only: a Clip to the k-bit grid in front makes values beyond it saturate where
+    k-bit hardware would (and a clip threshold clip).
+    """
     scale = gs.Constant(ctx.unique_name(f"{tensor.name}_scale"), np.asarray(qp.scale, dtype=np.float32))
     zero_point = gs.Constant(ctx.unique_name(f"{tensor.name}_zero_point"), np.asarray(qp.zero_point, dtype=qp.dtype))
     consumers = list(tensor.outputs)
     quantized = gs.Variable(ctx.unique_name(f"{tensor.name}_quantized"), dtype=qp.dtype, shape=tensor.shape)
     dequantized = gs.Variable(ctx.unique_name(f"{tensor.name}_dequantized"), dtype=np.float32, shape=tensor.shape)
+    to_quantize = tensor
+    if bits < 8:
+        lo, hi = grid_limits(qp, bits)
+        to_quantize = gs.Variable(ctx.unique_name(f"{tensor.name}_clipped"), dtype=np.float32, shape=tensor.shape)
+        limits = [
+            gs.Constant(ctx.unique_name(f"{tensor.name}_grid_{edge}"), np.asarray(value, dtype=np.float32))
+            for edge, value in (("min", lo), ("max", hi))
+        ]
+        graph.nodes.append(
+            gs.Node("Clip", ctx.unique_name(f"{tensor.name}_grid_clip"), inputs=[tensor, *limits], outputs=[to_quantize])
+        )
     graph.nodes.append(
         gs.Node(
             "QuantizeLinear",
             ctx.unique_name(f"{tensor.name}_quantize"),
-            inputs=[tensor, scale, zero_point],
+            inputs=[to_quantize, scale, zero_point],
             outputs=[quantized],
         )
     )
@@ -92,7 +118,7 @@ def run(graph: gs.Graph, ctx: CompileContext) -> None:
     # Graph order (the planned dict's insertion order follows the layers' order): deterministic.
     for name in ctx.activations:
         qp = ctx.activation_qparams[name]
-        dequantized = _insert_qdq(graph, ctx, tensors[name], qp)
+        dequantized = _insert_qdq(graph, ctx, tensors[name], qp, ctx.config.abits)
         input_scales[dequantized.name] = qp.scale
     for plan in ctx.layers:
         x = plan.node.inputs[0]

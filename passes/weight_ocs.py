@@ -6,12 +6,7 @@ layer's input gets the same channels appended, so the layer computes
 
     y = sum_i x_i * W_i  =  ... + x_c * W_c/2 + x_c * W_c/2
 
-The widened input is ``Concat(x, Slice(x, c1), Slice(x, c2), ...)`` on the channel axis rather
-than one Gather of every channel: on the last axis (MatMul, Gemm) onnxruntime's Gather copies
-value by value, and a full Gather made a quantized 256-wide MatMul 1.6x slower, where a Concat
-(QLinearConcat once quantized) of small copies cost about 2 %. Slices rather than one Gather of
-the copied channels because onnxruntime's layout optimizer moves Slice and Concat into NHWC
-with QLinearConv, where a Gather leaves a Transpose pair around every split Conv. Layers that
+The widened input is ``Concat(x, Slice(x, c1), ...)`` (see ``channels.py`` for why). Layers that
 read the same tensor and duplicate the same channels share these nodes.
 
 A layer keeps its splits only if they lower its weight quantization error (the squared error of
@@ -43,51 +38,20 @@ from ocs_onnx.quant import (
     symmetric_scale,
 )
 
+from .channels import append_channel_copies
 from .clip_weights import clip_thresholds, scale_axis
-
-
-def _shape_with(x: gs.Variable, axis: int, channels) -> list | None:
-    """x's shape with the channel axis resized (None where unknown)."""
-    if x.shape is None:
-        return None
-    shape = list(x.shape)
-    shape[axis] = channels if isinstance(channels, int) else None
-    return shape
 
 
 def _widen_input(
     ctx: CompileContext, node: gs.Node, x: gs.Variable, axis: int, copies: list[int]
 ) -> tuple[list[gs.Node], gs.Variable]:
-    """Nodes computing Concat(x, x[c1], x[c2], ...) along ``axis`` (one Slice per copied
-    channel, reused when a channel is copied twice), and their output."""
-    known = x.shape[axis] if x.shape is not None else None
-    widened_channels = known + len(copies) if isinstance(known, int) else None
-    axes = gs.Constant(ctx.unique_name(f"{node.name}_ocs_axes"), np.asarray([axis], dtype=np.int64))
-    nodes, slices = [], {}
-    for channel in dict.fromkeys(copies):  # distinct, in order of first use
-        out = gs.Variable(ctx.unique_name(f"{x.name}_channel{channel}"), dtype=x.dtype, shape=_shape_with(x, axis, 1))
-        bounds = [
-            gs.Constant(ctx.unique_name(f"{out.name}_{edge}"), np.asarray([value], dtype=np.int64))
-            for edge, value in (("start", channel), ("end", channel + 1))
-        ]
-        nodes.append(
-            gs.Node(
-                "Slice", ctx.unique_name(f"{node.name}_ocs_slice{channel}"), inputs=[x, *bounds, axes], outputs=[out]
-            )
-        )
-        ctx.ocs_duplicates[out.name] = x.name
-        slices[channel] = out
-    widened = gs.Variable(ctx.unique_name(f"{x.name}_ocs"), dtype=x.dtype, shape=_shape_with(x, axis, widened_channels))
-    nodes.append(
-        gs.Node(
-            "Concat",
-            ctx.unique_name(f"{node.name}_ocs_concat"),
-            attrs={"axis": axis},
-            inputs=[x] + [slices[c] for c in copies],
-            outputs=[widened],
-        )
-    )
-    ctx.ocs_duplicates[widened.name] = x.name
+    """Appends the copied channels to the layer's input. The copies hold a subset of x's values:
+    they are quantized with x's parameters, so onnxruntime moves them as 8-bit data."""
+    nodes, slices, widened = append_channel_copies(ctx, f"{node.name}_ocs", x, axis, copies)
+    for tensor in (*slices, widened):
+        ctx.ocs_duplicates[tensor.name] = x.name
+        if x.name in ctx.activations:
+            ctx.activations[tensor.name] = ctx.activations[x.name]
     return nodes, widened
 
 
