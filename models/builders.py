@@ -378,6 +378,39 @@ def token_embedding_net(seed: int = 0, vocab: int = 50, d: int = 16) -> onnx.Mod
     )
 
 
+def two_branch_conv_net(seed: int = 0, channels: int = 8, outlier_channel: int | None = None) -> onnx.ModelProto:
+    """x ["N",3,8,8] -> stem Conv+BN+Relu -> two Convs reading the same activation (3x3 and 1x1),
+    summed -> GlobalAveragePool -> Flatten -> Gemm -> y ["N",10].
+
+    Exercises an activation with two Conv consumers (activation OCS widens both). With
+    ``outlier_channel``, that channel of the shared activation is about 8x larger than the
+    others (its stem BatchNorm scale and shift are multiplied by 8).
+    """
+    rng = np.random.default_rng(seed)
+    g = _GraphBuilder()
+    c = channels
+    shared = _conv_bn(g, rng, "x", "stem", 3, c)
+    if outlier_channel is not None:
+        for key in ("stem.bn.scale", "stem.bn.B"):
+            tensor = next(t for t in g.initializers if t.name == key)
+            values = numpy_helper.to_array(tensor).copy()
+            values[outlier_channel] *= 8.0
+            tensor.CopyFrom(numpy_helper.from_array(values, key))
+    a = _conv_bn(g, rng, shared, "branch_a", c, c, relu=False)
+    b = _conv_bn(g, rng, shared, "branch_b", c, c, kernel=1, relu=False)
+    h = g.node("Add", [a, b], "merge/add")
+    h = g.node("GlobalAveragePool", [h], "head/gap")
+    h = g.node("Flatten", [h], "head/flatten", axis=1)
+    w = g.init("head.fc.weight", _weight(rng, (10, c), c, in_axis=1))
+    g.node("Gemm", [h, w], "head/fc", transB=1)
+    _rename_last_output(g, "y")
+    return g.model(
+        "two_branch_conv_net",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+    )
+
+
 ALL_TEST_MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
     "conv_bn_residual": conv_bn_residual_net,
     "mlp_gemm": mlp_gemm,

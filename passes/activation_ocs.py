@@ -36,9 +36,7 @@ from .channels import append_channel_copies
 OUTLIER_PERCENTILE = 99.0
 
 
-def split_statistics(
-    histograms: ChannelHistograms, split: list[int]
-) -> tuple[tuple[float, float], SymmetricHistogram]:
+def split_statistics(histograms: ChannelHistograms, split: list[int]) -> tuple[tuple[float, float], SymmetricHistogram]:
     """Range and histogram of the tensor after splitting ``split``: the other channels as they
     are, plus each split channel's values halved, twice."""
     kept = np.setdiff1d(np.arange(histograms.channels), split)
@@ -68,7 +66,9 @@ def _split_tensor(ctx: CompileContext, x: gs.Variable, axis: int, split: list[in
     nodes, _, widened = append_channel_copies(ctx, f"{x.name}_act_ocs", x, axis, split)
     factor_constant = gs.Constant(ctx.unique_name(f"{x.name}_act_ocs_factor"), factor.reshape(shape))
     halved = gs.Variable(ctx.unique_name(f"{x.name}_act_ocs_halved"), dtype=x.dtype, shape=widened.shape)
-    nodes.append(gs.Node("Mul", ctx.unique_name(f"{x.name}_act_ocs_mul"), inputs=[widened, factor_constant], outputs=[halved]))
+    nodes.append(
+        gs.Node("Mul", ctx.unique_name(f"{x.name}_act_ocs_mul"), inputs=[widened, factor_constant], outputs=[halved])
+    )
     if ctx.config.split != "qa":
         return nodes, halved, None, offset_steps
     offset = gs.Constant(ctx.unique_name(f"{x.name}_act_ocs_offset"), np.zeros(shape, dtype=np.float32))

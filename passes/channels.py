@@ -41,7 +41,9 @@ def append_channel_copies(
             gs.Constant(ctx.unique_name(f"{out.name}_{edge}"), np.asarray([value], dtype=np.int64))
             for edge, value in (("start", channel), ("end", channel + 1))
         ]
-        nodes.append(gs.Node("Slice", ctx.unique_name(f"{base}_slice{channel}"), inputs=[x, *bounds, axes], outputs=[out]))
+        nodes.append(
+            gs.Node("Slice", ctx.unique_name(f"{base}_slice{channel}"), inputs=[x, *bounds, axes], outputs=[out])
+        )
         slices[channel] = out
     widened = gs.Variable(ctx.unique_name(f"{x.name}_ocs"), dtype=x.dtype, shape=shape_with(x, axis, widened_channels))
     nodes.append(

@@ -49,7 +49,9 @@ def _insert_qdq(
             for edge, value in (("min", lo), ("max", hi))
         ]
         graph.nodes.append(
-            gs.Node("Clip", ctx.unique_name(f"{tensor.name}_grid_clip"), inputs=[tensor, *limits], outputs=[to_quantize])
+            gs.Node(
+                "Clip", ctx.unique_name(f"{tensor.name}_grid_clip"), inputs=[tensor, *limits], outputs=[to_quantize]
+            )
         )
     graph.nodes.append(
         gs.Node(

@@ -240,3 +240,9 @@ def test_model_with_weights_in_constant_nodes_compiles_from_the_command_line(tmp
     assert code == 0, err
     assert "warning: no --calib-data" in err
     assert (tmp_path / "const.q.onnx").exists()
+
+
+def test_activation_ocs_without_activation_quantization_is_a_usage_error(demo, capsys):
+    code, _, err = run_cli("compile", demo, "--abits", "none", "--act-ratio", "0.02", capsys=capsys)
+    assert code == errors.USAGE and "--act-ratio" in err and len(err.strip().splitlines()) == 1
+    assert not (demo.parent / "digits_cnn.q.onnx").exists()

@@ -253,10 +253,10 @@ def expected_mse(alpha: float, bits: int, distribution: str) -> float:
     lo, hi = np.maximum(levels - step / 2, 0.0), levels + step / 2
     u = alpha - step / 2  # everything from here up is rounded or clipped to alpha
     if distribution == "gaussian":
-        pdf = lambda x: np.exp(-(x**2) / 2) / np.sqrt(2 * np.pi)
+        pdf = lambda x: np.exp(-(x**2) / 2) / np.sqrt(2 * np.pi)  # noqa: E731
         tail = (1 + alpha**2) * special.ndtr(-u) + (u - 2 * alpha) * pdf(u)
     else:
-        pdf = lambda x: np.exp(-x) / 2
+        pdf = lambda x: np.exp(-x) / 2  # noqa: E731
         tail = np.exp(-u) / 2 * ((u - alpha) ** 2 + 2 * (u - alpha) + 2)
     cell_index = np.arange(qmax)
     cells = _gauss_legendre(lo, hi, lambda x: (x - levels[cell_index][:, None]) ** 2 * pdf(x))

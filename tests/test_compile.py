@@ -305,3 +305,89 @@ def test_ocs_plus_clip_never_has_a_larger_weight_error_than_clip_alone(test_mode
             assert with_ocs >= without, (layer["name"], bits)
             if layer["split"]:  # a split is kept only where it lowered the error
                 assert with_ocs > without, (layer["name"], bits)
+
+
+# --------------------------------------------------------------------------------------------
+# Activation OCS
+# --------------------------------------------------------------------------------------------
+
+ACTIVATION_OCS_MODELS = {
+    "two_branch_conv": lambda: builders.two_branch_conv_net(outlier_channel=3),  # Conv, 2 consumers
+    "transformer_block": builders.transformer_block,  # MatMul; q/k/v read one tensor
+    "mlp_gemm": builders.mlp_gemm,  # Gemm, both weight layouts
+    "digits_cnn": lambda: onnx.load(str(digits.MODEL)),
+}
+
+
+def _offsets(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {
+        t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name.endswith("_act_ocs_offset")
+    }
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATION_OCS_MODELS))
+def test_activation_ocs_without_quantization_computes_the_same_function(name):
+    model = ACTIVATION_OCS_MODELS[name]()
+    options = dict(act_ratio=0.25, ratio=0.1, ocs_guard=False, calib_samples=32)
+    # Quantization off: stop before any weight or activation is quantized.
+    rewritten, report = ocs_onnx.compile(model, stop_after="qa-split", **options)
+    assert report["totals"]["activations_split"] > 0
+    feed = feed_for(name, model)
+    for expected, actual in zip(run_model(model, feed), run_model(rewritten, feed)):
+        assert max_relative_error(expected, actual) < 1e-5
+    # The quantization-aware offsets the full compile chooses (+-1/4 of a step) cancel too.
+    quantized, _ = ocs_onnx.compile(model, **options)
+    final_offsets = _offsets(quantized)
+    assert final_offsets and all(np.abs(v).max() > 0 for v in final_offsets.values())
+    for tensor in rewritten.graph.initializer:
+        if tensor.name in final_offsets:
+            tensor.CopyFrom(onnx.numpy_helper.from_array(final_offsets[tensor.name], tensor.name))
+    for expected, actual in zip(run_model(model, feed), run_model(rewritten, feed)):
+        assert max_relative_error(expected, actual) < 1e-5
+
+
+def test_activation_ocs_widens_every_layer_reading_the_split_activation():
+    model = builders.two_branch_conv_net(outlier_channel=3)
+    _, report = ocs_onnx.compile(model, act_ratio=0.1, ratio=0.0)
+    splits = {a["split"]["of"]: a["split"]["channels"] for a in report["activations"].values() if a["split"]}
+    assert splits["stem/relu_out"] == [3]  # the outlier channel, ceil(0.1 * 8) = 1 split
+    layers = {layer["name"]: layer for layer in report["layers"]}
+    for name in ("branch_a/conv", "branch_b/conv"):
+        assert layers[name]["activation_copies"] == [3]
+        assert layers[name]["weight_shape"][1] == 8 and layers[name]["weight_shape_after"][1] == 9
+
+
+def test_activation_ocs_raises_the_split_activations_sqnr():
+    model = builders.two_branch_conv_net(outlier_channel=3)
+    for bits in (4, 6):
+        _, plain = ocs_onnx.compile(model, abits=bits, ratio=0.0)
+        _, split = ocs_onnx.compile(model, abits=bits, ratio=0.0, act_ratio=0.1)
+        (after,) = [a for a in split["activations"].values() if a["split"] and a["split"]["of"] == "stem/relu_out"]
+        before = plain["activations"]["stem/relu_out"]
+        assert after["range"][1] == pytest.approx(before["range"][1] / 2, rel=0.2)  # the outlier halved
+        assert after["sqnr_db"] > before["sqnr_db"] + 2.0
+
+
+def test_a_tensor_that_other_ops_also_read_is_not_split():
+    # conv_bn_residual's block input feeds a Conv and the skip Add: splitting it would leave the
+    # Add reading the whole tensor, quantized before the split.
+    _, report = ocs_onnx.compile(builders.conv_bn_residual_net(), act_ratio=1.0, ratio=0.0)
+    split_sources = {a["split"]["of"] for a in report["activations"].values() if a["split"]}
+    assert "stem/relu_out" not in split_sources and split_sources
+
+
+def test_sub_8_bit_activations_are_clipped_to_their_grid():
+    model = builders.mlp_gemm()
+    quantized, report = ocs_onnx.compile(model, abits=4)
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in quantized.graph.initializer}
+    producers = {o: n for n in quantized.graph.node for o in n.output}
+    quantizers = [n for n in quantized.graph.node if n.op_type == "QuantizeLinear"]
+    assert quantizers
+    for q in quantizers:
+        clip = producers[q.input[0]]
+        assert clip.op_type == "Clip"
+        scale, zero_point = float(values[q.input[1]]), int(values[q.input[2]])
+        assert float(values[clip.input[2]]) == pytest.approx(scale * (15 - zero_point), rel=1e-6)
+    # At 8 bits the type's own saturation is the grid's: no Clip.
+    quantized8, _ = ocs_onnx.compile(model, abits=8)
+    assert not any(n.op_type == "Clip" for n in quantized8.graph.node)

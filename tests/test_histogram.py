@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ocs_onnx.histogram import SymmetricHistogram
+from ocs_onnx.histogram import ChannelHistograms, SymmetricHistogram, halve
 
 
 def test_one_batch_counts_match_numpy_histogram():
@@ -50,3 +50,53 @@ def test_all_zero_batches_are_counted_without_a_range():
     h = SymmetricHistogram(bins=8)
     h.update(np.zeros(10))
     assert h.total == 10 and h.limit == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Per-channel histograms (activation OCS)
+# --------------------------------------------------------------------------------------------
+
+
+def test_channel_histograms_add_up_to_the_tensor_histogram_through_range_growth():
+    rng = np.random.default_rng(3)
+    batches = [rng.normal(0, scale, size=(4, 6, 5, 5)) for scale in (0.5, 1.0, 4.0)]
+    per_channel, whole = ChannelHistograms(6, bins=64), SymmetricHistogram(bins=64)
+    for batch in batches:
+        per_channel.update(batch, axis=1)
+        whole.update(batch)
+    assert per_channel.limit == whole.limit
+    assert np.array_equal(per_channel.tensor_histogram().counts, whole.counts)
+    values = np.concatenate(batches)
+    channel_two, _ = np.histogram(values[:, 2], bins=whole.edges)
+    assert np.array_equal(per_channel.counts[2], channel_two)
+    assert np.allclose(per_channel.hi, values.max(axis=(0, 2, 3)))
+    assert np.allclose(per_channel.lo, values.min(axis=(0, 2, 3)))
+
+
+def test_channels_on_the_last_axis():
+    values = np.random.default_rng(4).normal(size=(3, 7, 5))
+    per_channel = ChannelHistograms(5, bins=32)
+    per_channel.update(values, axis=-1)
+    expected, _ = np.histogram(values[..., 4], bins=per_channel.tensor_histogram().edges)
+    assert np.array_equal(per_channel.counts[4], expected)
+
+
+def test_halving_a_histogram_is_exact():
+    x = np.random.default_rng(5).normal(size=20000)
+    full = SymmetricHistogram(bins=128)
+    full.update(x)
+    direct = SymmetricHistogram(bins=128)
+    direct.limit = full.limit  # the same range, so that only the halving differs
+    direct.update(x / 2)
+    assert np.array_equal(halve(full).counts, direct.counts)
+
+
+def test_outlier_counts_are_the_values_beyond_the_99th_percentile_per_channel():
+    rng = np.random.default_rng(6)
+    values = rng.uniform(0, 1, size=(1000, 4))
+    # 1 % of all values are outliers: 25 in channel 1, 15 in channel 3.
+    values[:25, 1] = 10.0
+    values[100:115, 3] = 9.0
+    per_channel = ChannelHistograms(4)
+    per_channel.update(values, axis=-1)
+    assert per_channel.counts_beyond_percentile(99.0).tolist() == [0, 25, 0, 15]

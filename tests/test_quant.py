@@ -129,3 +129,57 @@ def test_asymmetric_activation_range_always_contains_zero():
 def test_symmetric_activation_uses_zero_point_zero():
     qp = quant.symmetric_int8_qparams(-2.0, 1.0, 8)
     assert qp.zero_point == 0 and qp.dtype == np.int8 and qp.scale == pytest.approx(2.0 / 127, rel=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Activation OCS
+# --------------------------------------------------------------------------------------------
+
+
+def test_activation_splits_take_the_channels_with_most_outliers_and_never_an_empty_one():
+    counts = np.array([0, 7, 3, 7, 0, 1, 0, 0, 0, 0])
+    assert quant.plan_activation_splits(counts, 0.2) == [1, 3]  # ceil(0.2 * 10) = 2, tie -> lower index
+    assert quant.plan_activation_splits(counts, 0.25) == [1, 2, 3]
+    assert quant.plan_activation_splits(counts, 1.0) == [1, 2, 3, 5]  # channels without outliers stay
+    assert quant.plan_activation_splits(counts, 0.0) == []
+
+
+def _quantize_activation_half_up(x, qp, bits):
+    return np.clip(np.floor(x / qp.scale + 0.5) + qp.zero_point, 0, 2**bits - 1)
+
+
+@pytest.mark.parametrize("bits", [4, 6, 8])
+def test_quantization_aware_activation_split_adds_up_to_the_quantized_activation(bits):
+    rng = np.random.default_rng(bits)
+    x = rng.uniform(-1.0, 3.0, size=50000)
+    qp = quant.asymmetric_uint8_qparams(x.min(), x.max() / 2, bits)  # the split tensor's range
+    factor, offset = quant.activation_split_factors(1, [0])
+    a, b = x * factor[0] + offset[0] * qp.scale, x * factor[1] + offset[1] * qp.scale
+    assert np.allclose(a + b, x)
+    inside = np.abs(x) <= (x.max() / 2)  # where neither half saturates
+    levels = lambda v: _quantize_activation_half_up(v, qp, bits)[inside] - qp.zero_point  # noqa: E731
+    split_x = qp.zero_point + levels(a) + levels(b)
+    assert np.array_equal(
+        split_x, np.floor(x[inside] / qp.scale + 0.5) + qp.zero_point
+    )  # Q(a) + Q(b) == Q(x) on x's grid
+    naive = levels(x / 2) + levels(x / 2)
+    assert not np.array_equal(naive, np.floor(x[inside] / qp.scale + 0.5))
+
+
+def test_activation_split_factors_halve_both_copies():
+    factor, offset = quant.activation_split_factors(4, [1, 3])
+    assert factor.tolist() == [1.0, 0.5, 1.0, 0.5, 0.5, 0.5]
+    assert offset.tolist() == [0.0, -0.25, 0.0, -0.25, 0.25, 0.25]
+
+
+def test_histogram_sqnr_estimate_matches_the_exact_sqnr():
+    from ocs_onnx.histogram import SymmetricHistogram
+
+    x = np.random.default_rng(7).normal(1.0, 1.0, size=200000)
+    histogram = SymmetricHistogram()
+    histogram.update(x)
+    for bits in (4, 6, 8):
+        qp = quant.asymmetric_uint8_qparams(x.min(), x.max(), bits)
+        exact = quant.sqnr_db(x, quant.fake_quantize_activation(x, qp, bits))
+        estimate = quant.histogram_sqnr_db(histogram.counts, histogram.edges, qp, bits)
+        assert estimate == pytest.approx(exact, abs=0.5)

@@ -79,7 +79,15 @@ def main() -> int:
         for count in args.samples:
             data = folder / f"calib{count}.npz"
             subprocess.run([sys.executable, __file__, "--write", str(data), str(count)], check=True)
-            cmd = [sys.executable, "-m", "ocs_onnx", "compile", str(folder / "model.onnx"), "-o", str(folder / "q.onnx")]
+            cmd = [
+                sys.executable,
+                "-m",
+                "ocs_onnx",
+                "compile",
+                str(folder / "model.onnx"),
+                "-o",
+                str(folder / "q.onnx"),
+            ]
             cmd += ["--calib-data", str(data), "--calib-samples", str(count), "--calib-batch", "16", "-q"]
             rss, seconds = peak_rss_mb(cmd)
             rows.append((count, data.stat().st_size / 2**20, rss, seconds))
