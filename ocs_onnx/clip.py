@@ -470,11 +470,14 @@ def _symmetric_layout(counts: np.ndarray, edges: np.ndarray) -> tuple[np.ndarray
     return counts, edges, middle, middle
 
 
-def kl_divergences(counts: np.ndarray, edges: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+def kl_divergences(
+    counts: np.ndarray, edges: np.ndarray, bits: int, unsigned: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """(thresholds, divergences) of every candidate of ``kl_threshold``, smallest threshold first."""
     counts, edges = _check_histogram(counts, edges)
     hist, hist_edges, lo, hi = _symmetric_layout(counts, edges)
-    num_quantized_bins = 2 ** quant.check_bits(bits) - 1
+    # An unsigned grid puts all its 2^k - 1 steps on [0, t]: over [-t, t] that is 2^(k+1) - 1.
+    num_quantized_bins = 2 ** (quant.check_bits(bits) + int(unsigned)) - 1
     halves = np.arange(_narrowest_candidate(lo, hi, num_quantized_bins), _widest_candidate(hist, lo, hi) + 1)
     cum_hist = np.concatenate([[0.0], np.cumsum(hist)])
     divergences = [_candidate_divergence(hist, cum_hist, lo - i, hi + i, num_quantized_bins) for i in halves]
@@ -494,7 +497,7 @@ def _widest_candidate(hist: np.ndarray, lo: int, hi: int) -> int:
     return int(max(lo - nonempty[0], nonempty[-1] + 1 - hi, 0))
 
 
-def kl_threshold(counts: np.ndarray, edges: np.ndarray, bits: int) -> float:
+def kl_threshold(counts: np.ndarray, edges: np.ndarray, bits: int, unsigned: bool = False) -> float:
     """TensorRT/MXNet entropy calibration: the candidate threshold of minimum KL(p || q).
 
     ``counts``/``edges`` (as from ``np.histogram``) are either a histogram of |x| (edges from 0,
@@ -509,7 +512,7 @@ def kl_threshold(counts: np.ndarray, edges: np.ndarray, bits: int) -> float:
     throughout (MXNet smooths in float32); a candidate whose smoothing fails gets an infinite
     divergence instead of an assertion error; candidates past the last non-empty bin are skipped.
     """
-    thresholds, divergences = kl_divergences(counts, edges, bits)
+    thresholds, divergences = kl_divergences(counts, edges, bits, unsigned)
     if thresholds.size == 0 or not np.isfinite(divergences).any():
         counts, edges = _check_histogram(counts, edges)
         hist, hist_edges, lo, hi = _symmetric_layout(counts, edges)

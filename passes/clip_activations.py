@@ -42,12 +42,19 @@ def activation_threshold(histogram: SymmetricHistogram, lo: float, config: Compi
     """The ``--aclip`` threshold of |x| for one activation."""
     counts, edges = histogram.absolute()
     bits, method = config.abits, config.aclip
+    unsigned = lo >= 0 and config.activation_type == "uint8"
     if method == "mse":
-        unsigned = lo >= 0 and config.activation_type == "uint8"
         return mse_threshold_histogram(counts, edges, bits, symmetric=not unsigned)
     if method == "aciq":
         return aciq_threshold_histogram(counts, edges, bits)
     if method == "kl":
+        if unsigned:
+            # As TensorRT does for a Relu output: the spike of zeros would dominate the divergence
+            # (it takes the height of its neighbour instead), and the unsigned grid has twice the
+            # levels over [0, alpha] of the symmetric one.
+            counts = counts.copy()
+            counts[0] = counts[1]
+            return kl_threshold(counts, edges, bits, unsigned=True)
         return kl_threshold(counts, edges, bits)
     return percentile_threshold_histogram(counts, edges, config.percentile)
 
