@@ -504,3 +504,11 @@ def test_unknown_method_bad_bits_and_nan_are_refused():
         clip.percentile_threshold(x, 101.0)
     with pytest.raises(ValueError, match="start at 0"):
         clip.mse_threshold_histogram(np.ones(2), np.array([-1.0, 0.0, 1.0]), 8)
+
+
+def test_kl_on_an_unsigned_grid_counts_its_levels_over_zero_to_t():
+    # 2^k - 1 steps over [0, t] are 2^(k+1) - 1 bins over [-t, t] in the mirrored histogram.
+    values = np.abs(np.random.default_rng(11).standard_normal(200000))
+    counts, edges = np.histogram(values, bins=1024, range=(0, values.max()))
+    for bits in (4, 6, 7):
+        assert clip.kl_threshold(counts, edges, bits, unsigned=True) == clip.kl_threshold(counts, edges, bits + 1)
