@@ -1,0 +1,294 @@
+"""ocs-onnx against onnxruntime's own quantizer (quantize_static) on real models.
+
+    python tools/bench.py [--models demo,ppocrv5-rec,ppocrv5-cls,ppocrv5-det] [--quick]
+                          [--out bench.md] [--json bench.json]
+
+For each model: the float metric, then onnxruntime ``quantize_static`` (QDQ, per-channel, QUInt8
+activations, QInt8 weights; MinMax, Entropy and Percentile calibration; MinMax with
+``reduce_range``, and MinMax with QInt4 weights) and ocs-onnx at W8A8,
+W6A8, W5A8 and W4A8 with OCS ratios 0, 0.01, 0.02, 0.05 and clip none / mse (``--quick``: ratios
+0 and 0.02, clip none). Every quantizer runs in a child process on the same model and
+calibration file, so that its wall time and peak memory (the child's max RSS, from wait4) are
+its own. For every output: the task metric, compile time and peak memory as ratios to
+onnxruntime's MinMax run on the same model in the same run, the output size, and the
+onnxruntime latency of the quantized model relative to the float one (same process, one thread,
+interleaved runs, median of per-run ratios).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the repository root, for models/
+
+# (label, calibration method, weight type, reduce_range): onnxruntime's three calibrations with its
+# defaults, MinMax with the 7-bit weights that avoid uint8 x int8 overflow on CPUs without VNNI
+# (what ocs-onnx does at W8A8), and its 4-bit weights.
+ORT_RUNS = (
+    ("MinMax", "MinMax", "QInt8", False),
+    ("Entropy", "Entropy", "QInt8", False),
+    ("Percentile", "Percentile", "QInt8", False),
+    ("MinMax reduce_range", "MinMax", "QInt8", True),
+    ("MinMax QInt4", "MinMax", "QInt4", False),
+)
+OCS_BITS = (8, 6, 5, 4)
+
+
+@dataclass
+class BenchModel:
+    name: str
+    model: Path
+    calibration: Path
+    # model path -> {metric: value}; the first metric is the headline.
+    evaluate: Callable[[Path], dict[str, float]]
+    # One input feed for latency measurements.
+    latency_feed: dict[str, np.ndarray]
+
+
+def demo() -> BenchModel:
+    from models import digits
+
+    with np.load(digits.EVALUATION) as data:
+        images, labels = data["image"], data["label"]
+
+    def evaluate(path: Path) -> dict[str, float]:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        logits = session.run(None, {"image": images})[0]
+        return {"top-1 %": 100 * float(np.mean(logits.argmax(1) == labels))}
+
+    return BenchModel("digits CNN (demo)", digits.MODEL, digits.CALIBRATION, evaluate, {"image": images[:64]})
+
+
+def registry() -> dict[str, Callable[[Path], BenchModel]]:
+    models = {"demo": lambda _work: demo()}
+    try:
+        from models import ocr_bench
+    except ImportError:
+        return models
+    models.update(ocr_bench.BENCH_MODELS)
+    return models
+
+
+# --------------------------------------------------------------------------------------------
+# Child processes: one quantizer run each, measured from outside
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    label: str
+    output: Path
+    ok: bool
+    seconds: float
+    peak_rss_mb: float
+    error: str = ""
+
+
+def run_child(label: str, command: list[str], output: Path) -> Run:
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - start
+    stderr = process.stderr.read().decode(errors="replace").strip()
+    process.stderr.close()
+    process.returncode = os.waitstatus_to_exitcode(status)
+    ok = process.returncode == 0 and output.exists()
+    error = "" if ok else (stderr.splitlines()[-1] if stderr else f"exit {process.returncode}")
+    return Run(label, output, ok, seconds, usage.ru_maxrss / 1024, error)
+
+
+def ort_quantize_child(model: str, calibration: str, output: str, method: str, weight_type: str, reduce: str) -> int:
+    """The body of an onnxruntime quantize_static child (``--ort-child``)."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
+    from onnxruntime.quantization import quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            with np.load(calibration) as data:
+                arrays = {name: data[name] for name in data.files}
+            count = len(next(iter(arrays.values())))
+            self.feeds = iter([{k: v[i : i + 16] for k, v in arrays.items()} for i in range(0, min(count, 128), 16)])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    with tempfile.TemporaryDirectory() as folder:
+        prepared = str(Path(folder) / "prepared.onnx")
+        quant_pre_process(model, prepared)  # what onnxruntime's documentation asks for before quantizing
+        quantize_static(
+            prepared,
+            output,
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=getattr(QuantType, weight_type),
+            calibrate_method=getattr(CalibrationMethod, method),
+            reduce_range=reduce == "True",
+        )
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Latency
+# --------------------------------------------------------------------------------------------
+
+
+def latency_ratio(float_model: Path, quantized: Path, feed: dict[str, np.ndarray], repeats: int = 15) -> float:
+    """Median over interleaved runs of quantized time / float time, one thread each."""
+
+    def session(path: Path):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    sessions = [session(float_model), session(quantized)]
+    for s in sessions:
+        s.run(None, feed)  # warm-up
+    ratios = []
+    for _ in range(repeats):
+        times = []
+        for s in sessions:
+            start = time.perf_counter()
+            s.run(None, feed)
+            times.append(time.perf_counter() - start)
+        ratios.append(times[1] / times[0])
+    return float(np.median(ratios))
+
+
+# --------------------------------------------------------------------------------------------
+# The benchmark
+# --------------------------------------------------------------------------------------------
+
+
+def ocs_settings(quick: bool) -> list[tuple[int, float, str]]:
+    ratios = (0.0, 0.02) if quick else (0.0, 0.01, 0.02, 0.05)
+    clips = ("none",) if quick else ("none", "mse")
+    return [(bits, ratio, clip) for bits in OCS_BITS for clip in clips for ratio in ratios]
+
+
+def bench_model(subject: BenchModel, work: Path, quick: bool) -> dict:
+    rows = []
+    float_metrics = subject.evaluate(subject.model)
+    runs = []
+    for label, method, weight_type, reduce in ORT_RUNS:
+        out = work / f"ort-{label.replace(' ', '-')}.onnx"
+        command = [sys.executable, str(Path(__file__).resolve()), "--ort-child", str(subject.model)]
+        command += [str(subject.calibration), str(out), method, weight_type, str(reduce)]
+        bits = "W4A8" if weight_type == "QInt4" else "W8A8"
+        runs.append((f"onnxruntime {label}", bits, run_child(f"onnxruntime {label}", command, out)))
+    for bits, ratio, clip in ocs_settings(quick):
+        out = work / f"ocs-w{bits}-r{ratio}-{clip}.onnx"
+        command = [sys.executable, "-m", "ocs_onnx", "compile", str(subject.model), "-o", str(out), "-q"]
+        command += [
+            "--wbits",
+            str(bits),
+            "--ratio",
+            str(ratio),
+            "--wclip",
+            clip,
+            "--calib-data",
+            str(subject.calibration),
+        ]
+        label = f"ocs-onnx r={ratio} clip={clip}"
+        runs.append((label, f"W{bits}A8", run_child(label, command, out)))
+    baseline = runs[0][2]
+    for label, bits, run in runs:
+        row = {"quantizer": label, "bits": bits, "ok": run.ok, "error": run.error}
+        if run.ok:
+            row.update(
+                metrics=subject.evaluate(run.output),
+                compile_seconds=run.seconds,
+                peak_rss_mb=run.peak_rss_mb,
+                time_vs_ort=run.seconds / baseline.seconds if baseline.ok else None,
+                memory_vs_ort=run.peak_rss_mb / baseline.peak_rss_mb if baseline.ok else None,
+                output_mb=run.output.stat().st_size / 2**20,
+                latency_vs_float=latency_ratio(subject.model, run.output, subject.latency_feed),
+            )
+        rows.append(row)
+    return {
+        "model": subject.name,
+        "float": float_metrics,
+        "model_mb": subject.model.stat().st_size / 2**20,
+        "runs": rows,
+    }
+
+
+def _fmt(value, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(results: list[dict]) -> str:
+    lines = []
+    for result in results:
+        metric_names = list(result["float"])
+        lines += [
+            f"**{result['model']}**: float "
+            + ", ".join(f"{k} {v:.2f}" for k, v in result["float"].items())
+            + f"; {result['model_mb']:.1f} MB",
+            "",
+            "| quantizer | bits | "
+            + " | ".join(metric_names)
+            + " | compile s | vs ORT | peak MB | vs ORT | size MB | latency vs float |",
+            "|" + "---|" * (len(metric_names) + 8),
+        ]
+        for row in result["runs"]:
+            if not row["ok"]:
+                lines.append(f"| {row['quantizer']} | {row['bits']} | failed: {row['error'][:80]} |")
+                continue
+            metrics = " | ".join(_fmt(row["metrics"].get(m)) for m in metric_names)
+            lines.append(
+                f"| {row['quantizer']} | {row['bits']} | {metrics} | {row['compile_seconds']:.1f} | "
+                f"{_fmt(row['time_vs_ort'])} | {row['peak_rss_mb']:.0f} | {_fmt(row['memory_vs_ort'])} | "
+                f"{row['output_mb']:.2f} | {row['latency_vs_float']:.2f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--ort-child":
+        return ort_quantize_child(*argv[1:7])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="demo", help="comma-separated: " + ", ".join(registry()))
+    parser.add_argument("--quick", action="store_true", help="ratios 0 and 0.02, clip none only")
+    parser.add_argument("--out", type=Path, help="write the markdown table here")
+    parser.add_argument("--json", type=Path, help="write every number as JSON here")
+    args = parser.parse_args(argv)
+    available = registry()
+    results = []
+    with tempfile.TemporaryDirectory() as folder:
+        for name in args.models.split(","):
+            if name not in available:
+                parser.error(f"unknown model {name!r}; choose from {', '.join(available)}")
+            work = Path(folder) / name
+            work.mkdir()
+            results.append(bench_model(available[name](work), work, args.quick))
+    text = markdown(results)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
