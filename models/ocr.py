@@ -253,8 +253,8 @@ def render_page(
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """A page with 3..max_lines text lines: (uint8 HxWx3, boxes [k, 4] as x0 y0 x1 y1, texts).
 
-    A line's true box spans its ink horizontally and its line box (the font's ascent..descent band)
-    vertically: the box a layout engine gives the line, whatever letters it holds, which is what
+    A line's true box spans its ink horizontally and its line box (the font's ascent..descent band,
+    or the ink where a glyph reaches further) vertically: the box a layout engine gives the line, whatever letters it holds, which is what
     text-detection annotations enclose. Two lines side by side stay the sum of their font sizes
     apart (closer words are one line to a detector), and 0.3 times that sum above and below."""
     background = rng.uniform(190.0, 255.0)
@@ -273,8 +273,10 @@ def render_page(
         for _attempt in range(30):
             x = int(rng.integers(margin, size - margin - w + 1))
             y = int(rng.integers(margin, size - margin - h + 1))
-            box = (float(x), max(0.0, y + line_top), float(x + w), min(float(size), y + line_bottom))
-            top, bottom = min(y, box[1]), max(y + h, box[3])
+            # The union with the ink box: a glyph may reach past the font's ascent or descent.
+            top = max(0.0, min(y, y + line_top))
+            bottom = min(float(size), max(y + h, y + line_bottom))
+            box = (float(x), top, float(x + w), bottom)
             guard = (x - font_size, top - 0.3 * font_size, x + w + font_size, bottom + 0.3 * font_size)
             if not any(_overlap(guard, other) for other in guards):
                 foreground = rng.uniform(0.0, 90.0)
