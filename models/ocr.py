@@ -667,17 +667,26 @@ def _format(metrics: dict) -> str:
     )
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m models.ocr", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     calib = sub.add_parser("calib", help="write rec_calib.npz, cls_calib.npz, det_calib.npz (input 'x')")
     calib.add_argument("--out", required=True, metavar="DIR")
     for task in TASKS:
-        calib.add_argument(f"--{task}", type=int, default=DEFAULT_COUNTS["calib"][task], metavar="N", help="samples")
+        calib.add_argument(
+            f"--{task}", type=_positive, default=DEFAULT_COUNTS["calib"][task], metavar="N", help="samples"
+        )
     ev = sub.add_parser("eval", help="metrics of models on the evaluation set")
     ev.add_argument("task", choices=TASKS)
     ev.add_argument("models", nargs="*", metavar="MODEL", help="ONNX files (default: the cached float model)")
-    ev.add_argument("--count", type=int, help="evaluation samples (default: rec/cls 300, det 64)")
+    ev.add_argument("--count", type=_positive, help="evaluation samples (default: rec/cls 300, det 64)")
     ev.add_argument("--reference", metavar="MODEL", help="det: also the binarized-map IoU against this model")
     ev.add_argument("--cache", metavar="DIR", help="zoo cache root (see models/zoo.py)")
     ev.add_argument("--show-errors", type=int, default=0, metavar="K", help="rec: print K misread lines")
@@ -704,7 +713,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.task == "det" and args.reference:
             kwargs["reference"] = args.reference
         for model in models:
-            metrics = evaluate(model, data, **kwargs)
+            try:
+                metrics = evaluate(model, data, **kwargs)
+            except Exception as exc:  # noqa: BLE001  (onnxruntime's errors derive from Exception only)
+                text = str(exc).strip().splitlines()
+                raise OcrDataError(f"{model}: {text[0] if text else type(exc).__name__}") from None
             print(f"{model}: {_format(metrics)}")
             if args.task == "rec" and args.show_errors:
                 wrong = [(t, p) for t, p in zip(data.texts, metrics["predictions"]) if t != p]
