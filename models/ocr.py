@@ -14,8 +14,9 @@ different seeds (``CALIB_SEED``, ``EVAL_SEED``).
 - ``cls`` (text direction): the same kind of lines, half of them rotated by 180 degrees (label 1,
   the model's second class "180"). Metric: accuracy.
 - ``det`` (detector): square pages with several well-separated lines at known boxes (the ink's
-  horizontal extent x the font's line box, see :func:`render_page`). Metrics: box recall, precision and F1 at IoU 0.5 after a DB post-process, and
-  optionally the IoU of the binarized probability maps against a reference model.
+  horizontal extent x the font's line box, see :func:`render_page`). Metrics: box recall,
+  precision and F1 at IoU 0.5 after a DB post-process, the mean IoU of the matched boxes, and
+  optionally the IoU of the binarized probability maps against a reference model (the float one).
 
 Preprocessing follows the package's own code (``predict_rec.py``, ``predict_cls.py``,
 ``predict_det.py``, read from the wheel, re-implemented here in numpy):
@@ -251,12 +252,15 @@ def _fits(image: np.ndarray, height: int, width: int) -> bool:
 def render_page(
     rng: np.random.Generator, fonts: _Fonts, size: int = DET_PAGE_SIZE, max_lines: int = 10
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """A page with 3..max_lines text lines: (uint8 HxWx3, boxes [k, 4] as x0 y0 x1 y1, texts).
+    """A page of text lines: (uint8 HxWx3, boxes [k, 4] as x0 y0 x1 y1, texts). 3..max_lines
+    lines are drawn; one that is too long for the page or finds no free place is left out.
 
     A line's true box spans its ink horizontally and its line box (the font's ascent..descent band,
-    or the ink where a glyph reaches further) vertically: the box a layout engine gives the line, whatever letters it holds, which is what
-    text-detection annotations enclose. Two lines side by side stay the sum of their font sizes
-    apart (closer words are one line to a detector), and 0.3 times that sum above and below."""
+    or the ink where a glyph reaches further) vertically: the box a layout engine gives the line,
+    whatever letters it holds, which is what text-detection annotations enclose (a box tight on
+    the ink of "ace" would be half the height of one on "Tip"). Two lines side by side stay the sum
+    of their font sizes apart (closer words are one line to a detector), and 0.3 times that sum
+    above and below."""
     background = rng.uniform(190.0, 255.0)
     gray = np.full((size, size), background, dtype=np.float32)
     boxes: list[tuple[float, float, float, float]] = []
