@@ -72,13 +72,34 @@ def demo() -> BenchModel:
     return BenchModel("digits CNN (demo)", digits.MODEL, digits.CALIBRATION, evaluate, {"image": images[:64]})
 
 
+# The metrics of each OCR task, headline first, in percent.
+OCR_METRICS = {
+    "rec": {"line accuracy %": "line_accuracy", "CER %": "cer"},
+    "cls": {"accuracy %": "accuracy"},
+    "det": {"F1 %": "f1", "recall %": "recall", "precision %": "precision"},
+}
+
+
+def ppocrv5(task: str, work: Path) -> BenchModel:
+    """A PP-OCRv5 model from the zoo (downloaded once, cached), with its seeded calibration and
+    evaluation sets (``models/ocr.py``; needs the ``bench`` extra and fonts-dejavu-core)."""
+    from models import ocr, zoo
+
+    model = zoo.fetch(f"ppocrv5-{task}")
+    calibration = ocr.save_calibration(work / f"{task}_calib.npz", ocr.dataset(task, "calib"))
+    evaluation = ocr.dataset(task, "eval")
+
+    def evaluate(path: Path) -> dict[str, float]:
+        result = ocr.evaluate(str(path), evaluation)
+        return {label: 100 * float(result[key]) for label, key in OCR_METRICS[task].items()}
+
+    return BenchModel(f"PP-OCRv5 {task}", model, calibration, evaluate, {ocr.INPUT_NAME: evaluation.inputs[:8]})
+
+
 def registry() -> dict[str, Callable[[Path], BenchModel]]:
-    models = {"demo": lambda _work: demo()}
-    try:
-        from models import ocr_bench
-    except ImportError:
-        return models
-    models.update(ocr_bench.BENCH_MODELS)
+    models: dict[str, Callable[[Path], BenchModel]] = {"demo": lambda _work: demo()}
+    for task in ("rec", "cls", "det"):
+        models[f"ppocrv5-{task}"] = lambda work, task=task: ppocrv5(task, work)
     return models
 
 
