@@ -347,6 +347,14 @@ class CalibrationResult:
     channel_histograms: dict[str, ChannelHistograms] = field(default_factory=dict)
 
 
+# Activations fetched from one calibration run, at most (see observe_ranges).
+FETCH_BUDGET_BYTES = 256 * 2**20
+
+
+def _rows(feed: dict[str, np.ndarray]) -> int:
+    return next(iter(feed.values())).shape[0] if feed else 0
+
+
 def observe_ranges(
     model: onnx.ModelProto,
     tensor_names: list[str],
@@ -374,24 +382,41 @@ def observe_ranges(
     observers = {name: RangeObserver(layouts.get(name)) for name in tensor_names}
     samples = 0
     reference = None
+    # With a dynamic batch dimension, a batch is run in chunks small enough that the activations
+    # fetched from one run stay within the budget (one sample first, to measure them): a detector
+    # at 640x640 fetches about 50 MB of activations per sample.
+    # None: not measured yet (the first run takes one sample); 0: a fixed batch, never cut.
+    chunk = None if all(s.batch_dim is None for s in specs) else 0
+    probe = None
     for index, feed in enumerate(batches):
         feed = prepare_feed(feed, specs, f"calibration batch {index}")
-        try:
-            values = session.run(fetched + outputs, feed)
-        except Exception as exc:
-            raise CalibrationDataError(
-                f"onnxruntime could not run the model on calibration batch {index}: {first_line(exc)}"
-            )
-        for name, value in zip(fetched, values):
-            observers[name].update(value)
-        for name in tensor_names:
-            if name in input_names:
-                observers[name].update(feed[name])
-        if reference is None:
-            reference = ReferenceBatch(feed, dict(zip(outputs, values[len(fetched) :])))
-        samples += next(iter(feed.values())).shape[0] if feed else 0
+        rows, start = _rows(feed), 0
+        while start < rows or start == 0:
+            size = 1 if chunk is None else (chunk or rows)
+            part = feed if start == 0 and size >= rows else {k: v[start : start + size] for k, v in feed.items()}
+            try:
+                values = session.run(fetched + outputs, part)
+            except Exception as exc:
+                raise CalibrationDataError(
+                    f"onnxruntime could not run the model on calibration batch {index}: {first_line(exc)}"
+                )
+            for name, value in zip(fetched, values):
+                observers[name].update(value)
+            for name in tensor_names:
+                if name in input_names:
+                    observers[name].update(part[name])
+            run_outputs = dict(zip(outputs, values[len(fetched) :]))
+            if chunk is None:
+                per_sample = sum(v.nbytes for v in values[: len(fetched)]) / max(_rows(part), 1)
+                chunk = max(1, int(FETCH_BUDGET_BYTES // max(per_sample, 1.0)))
+                probe = ReferenceBatch(part, run_outputs)
+            elif reference is None:
+                reference = ReferenceBatch(part, run_outputs)
+            samples += _rows(part)
+            start += max(_rows(part), 1)
         if on_batch is not None:
             on_batch(samples)
+    reference = reference or probe
     return CalibrationResult(
         {name: obs.range for name, obs in observers.items()},
         {name: obs.histogram for name, obs in observers.items()},
