@@ -233,8 +233,14 @@ def bench_model(subject: BenchModel, work: Path, quick: bool) -> dict:
     for label, bits, run in runs:
         row = {"quantizer": label, "bits": bits, "ok": run.ok, "error": run.error}
         if run.ok:
+            try:
+                metrics = subject.evaluate(run.output)
+            except Exception as exc:  # a quantizer's output that onnxruntime cannot load or run
+                row.update(ok=False, error="output does not run: " + str(exc).strip().splitlines()[-1][-160:])
+                rows.append(row)
+                continue
             row.update(
-                metrics=subject.evaluate(run.output),
+                metrics=metrics,
                 compile_seconds=run.seconds,
                 peak_rss_mb=run.peak_rss_mb,
                 time_vs_ort=run.seconds / baseline.seconds if baseline.ok else None,
@@ -271,7 +277,7 @@ def markdown(results: list[dict]) -> str:
         ]
         for row in result["runs"]:
             if not row["ok"]:
-                lines.append(f"| {row['quantizer']} | {row['bits']} | failed: {row['error'][:80]} |")
+                lines.append(f"| {row['quantizer']} | {row['bits']} | failed: {row['error'][:160]} |")
                 continue
             metrics = " | ".join(_fmt(row["metrics"].get(m)) for m in metric_names)
             lines.append(
