@@ -23,7 +23,7 @@ from .model_io import (
     load_model,
     model_to_graph,
     save_model_atomic,
-    write_bytes_atomic,
+    write_files_atomic,
 )
 from .pass_manager import PassManager
 from .report import build_report, report_json
@@ -115,7 +115,8 @@ def compile_file(
     dump_prefix = output_path.with_suffix("")
     model, report = compile(input_path, config, dump_prefix=dump_prefix, **options)
     report["output"] = str(output_path)
-    save_model_atomic(model, output_path)
+    files = {output_path: model.SerializeToString(deterministic=True)}
     if report_path is not None:
-        write_bytes_atomic(Path(report_path), report_json(report).encode())
+        files[Path(report_path)] = report_json(report).encode()
+    write_files_atomic(files)  # the model and its report appear together or not at all
     return output_path, report

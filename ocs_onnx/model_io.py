@@ -106,6 +106,13 @@ def _check_tensor_data(model: onnx.ModelProto, where: str) -> None:
 def _check_inputs(model: onnx.ModelProto, where: str) -> None:
     """Calibration and verification feed every model input with tensors whose first axis is
     the samples: inputs that cannot be fed so are refused here, before any work."""
+    known_types = set(onnx.TensorProto.DataType.values())
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        if value.type.WhichOneof("value") == "tensor_type" and value.type.tensor_type.elem_type not in known_types:
+            raise InvalidModelError(
+                f"{where}: tensor {value.name!r} has element type {value.type.tensor_type.elem_type}, "
+                "which is not an ONNX type"
+            )
     initializers = {t.name for t in model.graph.initializer}
     for value in model.graph.input:
         if value.name in initializers:
@@ -120,8 +127,8 @@ def _check_inputs(model: onnx.ModelProto, where: str) -> None:
             onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
         except KeyError:
             raise UnsupportedModelError(
-                f"{where}: model input {value.name!r} has element type {tensor_type.elem_type}, "
-                "which has no numpy equivalent"
+                f"{where}: model input {value.name!r} has element type "
+                f"{onnx.TensorProto.DataType.Name(tensor_type.elem_type)}, which has no numpy equivalent"
             )
         dims = tensor_type.shape.dim
         if tensor_type.HasField("shape") and len(dims) and dims[0].HasField("dim_value") and dims[0].dim_value == 0:
@@ -196,22 +203,34 @@ def default_output_path(input_path: Path) -> Path:
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Writes ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise UsageError(f"cannot write {path}: folder {folder} does not exist")
-    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    write_files_atomic({Path(path): data})
+
+
+def write_files_atomic(files: dict[Path, bytes]) -> None:
+    """Writes every file to a temporary file beside it first, and renames them only once all
+    are written: a failure (full disk, interrupt) leaves none of them and no temporary file."""
+    pending: dict[Path, str] = {}
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
+        for path, data in files.items():
+            path = Path(path)
+            folder = path.parent if str(path.parent) else Path(".")
+            if not folder.is_dir():
+                raise UsageError(f"cannot write {path}: folder {folder} does not exist")
+            fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+            pending[path] = tmp_name
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for path, tmp_name in list(pending.items()):
+            os.replace(tmp_name, path)
+            del pending[path]
     except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
+        for tmp_name in pending.values():
+            try:
+                os.unlink(tmp_name)
+            except FileNotFoundError:
+                pass
         raise
 
 

@@ -103,11 +103,12 @@ def fake_quantize_symmetric(w: np.ndarray, scale: np.ndarray, bits: int, axis: i
 
 
 def sqnr_db(reference: np.ndarray, approximation: np.ndarray) -> float | None:
-    """Signal-to-quantization-noise ratio in dB; None when undefined (no signal or no noise)."""
+    """Signal-to-quantization-noise ratio in dB; None when undefined (no signal, no noise, or
+    values that are not finite)."""
     ref = np.asarray(reference, dtype=np.float64)
     noise = float(np.sum((ref - np.asarray(approximation, dtype=np.float64)) ** 2))
     signal = float(np.sum(ref**2))
-    if noise == 0.0 or signal == 0.0:
+    if noise == 0.0 or signal == 0.0 or not math.isfinite(noise + signal):  # NaN/Inf values: no ratio
         return None
     return 10.0 * math.log10(signal / noise)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import os
 import pickle
 import sys
@@ -366,6 +367,14 @@ def onnxruntime_loads(path: Path) -> tuple[bool, str]:
     return True, ""
 
 
+def onnx_valid(path: Path, full_check: bool) -> tuple[bool, str]:
+    try:
+        onnx.checker.check_model(onnx.load(str(path)), full_check=full_check)
+    except Exception as exc:  # noqa: BLE001
+        return False, str(exc)
+    return True, ""
+
+
 @dataclass
 class Outcome:
     case: str
@@ -396,6 +405,9 @@ def run_case(index: int, rng: np.random.Generator, models: dict[str, onnx.ModelP
         args += ["--calib-data", str(calib_path)]
     if rng.random() < 0.2:
         args += ["--no-verify"]
+    report = folder / "report.json"
+    if rng.random() < 0.3:
+        args += ["--report", str(report)]
     case = f"#{index} {model_name}: {mutation}, calibration {calib}: {' '.join(args[4:])}"
     before = set(os.listdir(folder))
     digest = hashlib.sha256(data).hexdigest()
@@ -413,19 +425,28 @@ def run_case(index: int, rng: np.random.Generator, models: dict[str, onnx.ModelP
         if stderr:
             problem = "output on stderr with -q"
         else:
-            loads, reason = onnxruntime_loads(output)
-            # --no-verify skips the onnxruntime check on purpose (e.g. for custom ops): then the
-            # output must load whenever the input does.
-            if not loads and ("--no-verify" not in args or onnxruntime_loads(path)[0]):
-                problem = f"onnxruntime cannot load the output: {reason}"
+            # Without --no-verify the compiler checked that onnxruntime runs the output; with it,
+            # the user opted out of onnxruntime (e.g. for custom ops): the output must be valid
+            # ONNX, and pass the full check (shape and type inference) when the input does.
+            if "--no-verify" not in args:
+                loads, reason = onnxruntime_loads(output)
+            else:
+                loads, reason = onnx_valid(output, full_check=onnx_valid(path, full_check=True)[0])
+            if "--report" in args:
+                try:
+                    json.loads(report.read_text())
+                except (OSError, ValueError) as exc:
+                    problem = f"no valid report: {exc}"
+            if problem is None and not loads:
+                problem = f"invalid output: {reason}"
     elif code in (errors.USAGE, errors.INVALID_MODEL, errors.UNSUPPORTED_MODEL, errors.CALIBRATION_DATA, 6):
         if len(lines) != 1 or not lines[0].startswith("ocs-onnx: error: "):
             problem = "not exactly one error line on stderr"
-        elif output.exists():
-            problem = "an output was written on failure"
+        elif output.exists() or report.exists():
+            problem = "an output or a report was written on failure"
     else:
         problem = f"exit code {code}"
-    leftovers = sorted(set(os.listdir(folder)) - before - {output.name})
+    leftovers = sorted(set(os.listdir(folder)) - before - {output.name, report.name})
     if problem is None and leftovers:
         problem = f"files left behind: {leftovers}"
     return Outcome(case, code, stderr, problem)
