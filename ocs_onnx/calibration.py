@@ -268,7 +268,7 @@ def synthetic_batches(
         count = min(batch, samples - done)
         feed = {}
         for spec in specs:
-            shape = [count] + [d if isinstance(d, int) and d > 0 else SYNTHETIC_DYNAMIC_DIM for d in spec.shape[1:]]
+            shape = [count] + [d if isinstance(d, int) and d >= 0 else SYNTHETIC_DYNAMIC_DIM for d in spec.shape[1:]]
             if spec.dtype.kind == "f":
                 feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
             elif spec.dtype.kind in "iu":
@@ -312,6 +312,8 @@ class RangeObserver:
         self.channel_histograms = ChannelHistograms(channels) if channel_layout is not None else None
 
     def update(self, values: np.ndarray) -> None:
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            values = values[np.isfinite(values)]  # a NaN/Inf (e.g. behind an Inf weight) has no grid point
         if values.size:
             self.lo = min(self.lo, float(values.min()))
             self.hi = max(self.hi, float(values.max()))
@@ -375,7 +377,7 @@ def observe_ranges(
             model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     fetched = [n for n in tensor_names if n not in input_names]
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # errors are raised, not printed
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     layouts = channel_layouts or {}

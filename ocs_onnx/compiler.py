@@ -7,26 +7,32 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import onnxruntime as ort
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from .config import CompileConfig
 from .context import CompileContext
 from .errors import UsageError
 from .model_io import (
+    check_onnxruntime_loads,
     default_output_path,
     graph_to_model,
     load_model,
     model_to_graph,
     save_model_atomic,
-    write_bytes_atomic,
+    write_files_atomic,
 )
 from .pass_manager import PassManager
 from .report import build_report, report_json
 
 # onnx-graphsurgeon logs to stdout; only its errors matter to our users.
 G_LOGGER.severity = G_LOGGER.ERROR
+# onnxruntime's own log lines (from sessions that onnx-graphsurgeon's constant folding opens, say)
+# would break the one-line contract on stderr; every failure that matters is raised and reported.
+ort.set_default_logger_severity(4)
 
 
 def build_pass_manager(verify_each: bool = True) -> PassManager:
@@ -60,6 +66,8 @@ def compile(
     config = _config_from(config, options)
     proto = load_model(model)
     source = "<in-memory model>" if isinstance(model, onnx.ModelProto) else str(model)
+    if config.abits is not None or config.verify:
+        check_onnxruntime_loads(proto, source, config.abits)
     ctx = CompileContext(config, source=source)
     graph = model_to_graph(proto)
     ctx.reserve_names(graph)
@@ -68,7 +76,10 @@ def compile(
     def dump(name: str, g: gs.Graph) -> None:
         save_model_atomic(graph_to_model(g), Path(f"{dump_prefix}.after-{name}.onnx"))
 
-    graph = manager.run(graph, ctx, stop_after=config.stop_after, dump_after=config.dump_after, dump=dump)
+    # Non-finite weights and activations are handled where they matter (such layers stay float,
+    # calibration ranges cover finite values); numpy's multi-line warnings about them are noise.
+    with np.errstate(all="ignore"):
+        graph = manager.run(graph, ctx, stop_after=config.stop_after, dump_after=config.dump_after, dump=dump)
     output = graph_to_model(graph)
     return output, build_report(ctx, proto, output)
 
@@ -104,7 +115,8 @@ def compile_file(
     dump_prefix = output_path.with_suffix("")
     model, report = compile(input_path, config, dump_prefix=dump_prefix, **options)
     report["output"] = str(output_path)
-    save_model_atomic(model, output_path)
+    files = {output_path: model.SerializeToString(deterministic=True)}
     if report_path is not None:
-        write_bytes_atomic(Path(report_path), report_json(report).encode())
+        files[Path(report_path)] = report_json(report).encode()
+    write_files_atomic(files)  # the model and its report appear together or not at all
     return output_path, report

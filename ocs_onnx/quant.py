@@ -103,11 +103,12 @@ def fake_quantize_symmetric(w: np.ndarray, scale: np.ndarray, bits: int, axis: i
 
 
 def sqnr_db(reference: np.ndarray, approximation: np.ndarray) -> float | None:
-    """Signal-to-quantization-noise ratio in dB; None when undefined (no signal or no noise)."""
+    """Signal-to-quantization-noise ratio in dB; None when undefined (no signal, no noise, or
+    values that are not finite)."""
     ref = np.asarray(reference, dtype=np.float64)
     noise = float(np.sum((ref - np.asarray(approximation, dtype=np.float64)) ** 2))
     signal = float(np.sum(ref**2))
-    if noise == 0.0 or signal == 0.0:
+    if noise == 0.0 or signal == 0.0 or not math.isfinite(noise + signal):  # NaN/Inf values: no ratio
         return None
     return 10.0 * math.log10(signal / noise)
 
@@ -131,7 +132,7 @@ def asymmetric_uint8_qparams(lo: float, hi: float, bits: int) -> ActivationQPara
     qmax = 2 ** check_bits(bits) - 1
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
     scale = (hi - lo) / qmax
-    if not scale > 0:
+    if not np.float32(scale) > 0:  # also a range so small that its float32 scale would be 0
         return ActivationQParams(1.0, 0, np.uint8)
     zero_point = int(np.clip(np.floor(-lo / scale + 0.5), 0, qmax))
     return ActivationQParams(float(np.float32(scale)), zero_point, np.uint8)
@@ -141,7 +142,7 @@ def symmetric_int8_qparams(lo: float, hi: float, bits: int) -> ActivationQParams
     """int8 grid -qmax..qmax around zero with qmax = 2^(k-1) - 1, zero point 0."""
     alpha = max(abs(float(lo)), abs(float(hi)))
     scale = alpha / symmetric_qmax(bits)
-    if not scale > 0:
+    if not np.float32(scale) > 0:
         return ActivationQParams(1.0, 0, np.int8)
     return ActivationQParams(float(np.float32(scale)), 0, np.int8)
 

@@ -28,7 +28,10 @@ def integer_input_limits(graph: gs.Graph) -> dict[str, int]:
     for tensor in graph.inputs:
         for consumer in tensor.outputs:
             if consumer.op == "Gather" and consumer.inputs[1] is tensor and isinstance(consumer.inputs[0], gs.Constant):
-                size = consumer.inputs[0].shape[int(consumer.attrs.get("axis", 0))]
+                axis, shape = consumer.attrs.get("axis", 0), consumer.inputs[0].shape
+                if not isinstance(axis, int) or not -len(shape) <= axis < len(shape):
+                    continue  # a malformed axis: running the model reports it
+                size = shape[axis]
                 limits[tensor.name] = min(limits.get(tensor.name, size), size)
     return limits
 

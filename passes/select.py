@@ -73,7 +73,7 @@ def plan_layer(node: gs.Node, weight: gs.Constant) -> LayerPlan | str:
 def run(graph: gs.Graph, ctx: CompileContext) -> None:
     ctx.layers = []
     for node in graph.nodes:
-        if node.op not in QUANTIZABLE_OPS:
+        if node.op not in QUANTIZABLE_OPS or node.domain not in (None, "", "ai.onnx"):  # a custom op may reuse the name
             continue
         weight = _weight_of(node)
         if weight is None:

@@ -50,7 +50,7 @@ def optimized_op_counts(model_bytes: bytes) -> tuple[ort.InferenceSession, Count
     """A session on the model and the op types of the graph onnxruntime optimized it into."""
     with tempfile.TemporaryDirectory() as tmp:
         options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # errors are raised, not printed
         options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
         session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
         optimized = onnx.load(options.optimized_model_filepath)
@@ -112,7 +112,7 @@ def run(graph: gs.Graph, ctx: CompileContext) -> None:
 
 def _unoptimized_session(model_bytes: bytes) -> ort.InferenceSession:
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # errors are raised, not printed
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
 
