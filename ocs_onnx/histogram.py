@@ -15,6 +15,22 @@ import numpy as np
 DEFAULT_BINS = 2048
 
 
+def _merge_into_middle(counts: np.ndarray) -> np.ndarray:
+    """Counts (bins on the last axis) after the range doubles: pairs of neighbouring bins merge
+    into one, and the merged histogram fills the middle half."""
+    bins = counts.shape[-1]
+    merged = counts.reshape(*counts.shape[:-1], bins // 2, 2).sum(axis=-1)
+    doubled = np.zeros_like(counts)
+    doubled[..., bins // 4 : bins // 4 + bins // 2] = merged
+    return doubled
+
+
+def _bin_index(values: np.ndarray, limit: float, bins: int) -> np.ndarray:
+    """The bin of every value in a histogram of ``bins`` equal bins over [-limit, limit]."""
+    index = np.floor((values + limit) / (2 * limit) * bins).astype(np.int64)
+    return np.clip(index, 0, bins - 1, out=index)
+
+
 class SymmetricHistogram:
     def __init__(self, bins: int = DEFAULT_BINS):
         if bins < 2 or bins % 4:
@@ -38,18 +54,9 @@ class SymmetricHistogram:
                 return
             self.limit = peak
         while peak > self.limit:
-            self._double_range()
-        index = np.floor((values + self.limit) / (2 * self.limit) * self.bins).astype(np.int64)
-        np.clip(index, 0, self.bins - 1, out=index)
-        self.counts += np.bincount(index, minlength=self.bins)
-
-    def _double_range(self) -> None:
-        # Pairs of bins merge into one; the merged histogram fills the middle half.
-        merged = self.counts.reshape(-1, 2).sum(axis=1)
-        self.counts = np.zeros_like(self.counts)
-        quarter = self.bins // 4
-        self.counts[quarter : quarter + merged.size] = merged
-        self.limit *= 2.0
+            self.counts = _merge_into_middle(self.counts)
+            self.limit *= 2.0
+        self.counts += np.bincount(_bin_index(values, self.limit, self.bins), minlength=self.bins)
 
     def absolute(self) -> tuple[np.ndarray, np.ndarray]:
         """Histogram of |x|: counts over ``bins / 2`` bins and their edges, from 0 to R."""
@@ -95,13 +102,9 @@ class ChannelHistograms:
                 return
             self.limit = peak
         while peak > self.limit:
-            merged = self.counts.reshape(self.channels, -1, 2).sum(axis=2)
-            self.counts = np.zeros_like(self.counts)
-            quarter = self.bins // 4
-            self.counts[:, quarter : quarter + merged.shape[1]] = merged
+            self.counts = _merge_into_middle(self.counts)
             self.limit *= 2.0
-        index = np.floor((per_channel + self.limit) / (2 * self.limit) * self.bins).astype(np.int64)
-        np.clip(index, 0, self.bins - 1, out=index)
+        index = _bin_index(per_channel, self.limit, self.bins)
         index += np.arange(self.channels, dtype=np.int64) * self.bins  # one block of bins per channel
         self.counts += np.bincount(index.ravel(), minlength=self.counts.size).reshape(self.counts.shape)
 
