@@ -29,6 +29,7 @@ __all__ = [
     "constant_weights_net",
     "mlp_gemm",
     "random_inputs",
+    "runtime_reshape_head_net",
     "token_embedding_net",
     "transformer_block",
 ]
@@ -355,6 +356,46 @@ def constant_weights_net(seed: int = 0, channels: int = 4, out_features: int = 1
     )
 
 
+def runtime_reshape_head_net(seed: int = 0, channels: int = 16, classes: int = 2) -> onnx.ModelProto:
+    """The head of a paddle2onnx classifier (PP-OCR's direction classifier) at opset 11.
+
+    x ["N",3,8,8] -> Conv(3->C)+bias -> hard-swish as x*HardSigmoid(x) -> GlobalAveragePool ->
+    Reshape to [N, -1] with the target shape computed at run time
+    (Concat(Cast(Slice(Shape(h), 0, 1)), [-1])) -> MatMul -> Add bias -> Softmax -> y ["N",classes].
+    Weights are Constant nodes. ONNX shape inference cannot tell the Reshape's output shape,
+    only the target's length.
+    """
+    rng = np.random.default_rng(seed)
+    g = _GraphBuilder()
+    w = g.const("conv.weight", _weight(rng, (channels, 3, 3, 3), 27, in_axis=1))
+    b = g.const("conv.bias", _bias(rng, channels))
+    h = g.node("Conv", ["x", w, b], "conv/conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    gate = g.node("HardSigmoid", [h], "conv/hardsigmoid", alpha=1.0 / 6, beta=0.5)
+    h = g.node("Mul", [h, gate], "conv/hardswish")
+    h = g.node("GlobalAveragePool", [h], "head/gap")
+    shape = g.node("Shape", [h], "head/shape")
+    starts, ends, axes = (
+        g.const(f"head.slice.{k}", np.array([v], np.int64)) for k, v in (("start", 0), ("end", 1), ("axis", 0))
+    )
+    batch = g.node("Slice", [shape, starts, ends, axes], "head/batch")
+    batch = g.node("Cast", [batch], "head/batch_cast", to=TensorProto.INT64)
+    rest = g.const("head.rest", np.array([-1], np.int64))
+    target = g.node("Concat", [batch, rest], "head/target_shape", axis=0)
+    h = g.node("Reshape", [h, target], "head/reshape")
+    fc_w = g.const("fc.weight", _weight(rng, (channels, classes), channels, in_axis=0))
+    fc_b = g.const("fc.bias", _bias(rng, classes))
+    h = g.node("MatMul", [h, fc_w], "fc/matmul")
+    h = g.node("Add", [h, fc_b], "fc/add_bias")
+    g.node("Softmax", [h], "softmax", axis=1)
+    _rename_last_output(g, "y")
+    return g.model(
+        "runtime_reshape_head_net",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", classes])],
+        opset=11,
+    )
+
+
 def token_embedding_net(seed: int = 0, vocab: int = 50, d: int = 16) -> onnx.ModelProto:
     """Token embedding + projection: ids int64 ["batch","seq"] -> y ["batch","seq",d].
 
@@ -417,6 +458,7 @@ ALL_TEST_MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
     "transformer_block": transformer_block,
     "constant_weights": constant_weights_net,
     "token_embedding": token_embedding_net,
+    "runtime_reshape_head": runtime_reshape_head_net,
 }
 
 

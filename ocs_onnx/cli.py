@@ -132,7 +132,7 @@ def _list_passes() -> None:
 @click.option(
     "--aclip",
     type=click.Choice(CLIP_METHODS),
-    default="none",
+    default="percentile",
     show_default=True,
     help="Activation clip threshold method (on the calibration histograms).",
 )

@@ -33,7 +33,9 @@ class CompileConfig:
     activation_type: str = "uint8"
     # Clip-threshold methods for weights and activations (see ocs_onnx/clip.py).
     wclip: str = "none"
-    aclip: str = "none"
+    # Activations clip at the 99.99th percentile of |x| by default: with the plain calibrated
+    # range, one value in ten thousand sets the step for all the others (README, defaults).
+    aclip: str = "percentile"
     percentile: float = 99.99
     calib_data: Path | None = None
     calib_samples: int = 128

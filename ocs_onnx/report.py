@@ -13,7 +13,11 @@ from .context import CompileContext, LayerPlan
 
 
 def _weight_count(model: onnx.ModelProto) -> int:
-    return int(sum(np.prod(t.dims, dtype=np.int64) for t in model.graph.initializer))
+    """Elements of every stored tensor: initializers and the values of Constant nodes (where
+    paddle2onnx and older exporters keep their weights). Subgraphs are not counted."""
+    tensors = list(model.graph.initializer)
+    tensors += [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    return int(sum(np.prod(t.dims, dtype=np.int64) for t in tensors))
 
 
 def _scale_value(scale) -> float | list[float]:
@@ -181,7 +185,7 @@ def summary_text(report: dict) -> str:
             f"(+{totals['activation_channels_split']} channels, act ratio {config['act_ratio']})"
         )
     if report["kept_float"]:
-        lines.append(f"kept float: {len(report['kept_float'])} Conv/Gemm/MatMul nodes (see report)")
+        lines.append(f"kept float: {len(report['kept_float'])} weighted layers (reasons in the report)")
     calib = report["calibration"]
     if calib:
         lines.append(f"calibration: {calib.get('samples', 0)} samples, {calib.get('source')}")

@@ -5,6 +5,7 @@
   be added to every group (depthwise: a whole extra group), which is not what OCS's overhead
   figure counts and which the Conv's group structure cannot express for one channel alone.
 * Everything else stays float, as do nodes matched by ``--exclude`` (glob on name or op type).
+  Weighted layers of other kinds (ConvTranspose, recurrent layers) are listed in ``kept_float``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from ocs_onnx.context import CompileContext, LayerPlan
 from ocs_onnx.pass_manager import Pass
 
 QUANTIZABLE_OPS = ("Conv", "Gemm", "MatMul")
+# Ops with weights that stay float. They are listed in the report's kept_float so that a user
+# reading it sees every weighted layer and knows why it was not quantized.
+WEIGHTED_OPS_KEPT_FLOAT = ("ConvTranspose", "LSTM", "GRU", "RNN")
 
 
 def _excluded_by(node: gs.Node, patterns) -> str | None:
@@ -73,7 +77,12 @@ def plan_layer(node: gs.Node, weight: gs.Constant) -> LayerPlan | str:
 def run(graph: gs.Graph, ctx: CompileContext) -> None:
     ctx.layers = []
     for node in graph.nodes:
-        if node.op not in QUANTIZABLE_OPS or node.domain not in (None, "", "ai.onnx"):  # a custom op may reuse the name
+        if node.domain not in (None, "", "ai.onnx"):  # a custom op may reuse a standard op's name
+            continue
+        if node.op in WEIGHTED_OPS_KEPT_FLOAT:
+            ctx.kept_float[node.name] = f"{node.op} layers are not quantized by this version of ocs-onnx"
+            continue
+        if node.op not in QUANTIZABLE_OPS:
             continue
         weight = _weight_of(node)
         if weight is None:

@@ -15,6 +15,7 @@ EXPECTED_Y_SHAPE = {
     "transformer_block": lambda b, s: (b, s, 32),
     "constant_weights": lambda b, s: (b, 10),
     "token_embedding": lambda b, s: (b, s, 16),
+    "runtime_reshape_head": lambda b, s: (b, 2),
 }
 
 NAMES = sorted(ALL_TEST_MODELS)

@@ -163,6 +163,15 @@ def test_w8a8_uses_a_reduced_weight_grid_so_uint8_by_int8_kernels_cannot_overflo
     assert largest_level(abits=6)[0] == 127  # 2 x 63 x 127 cannot overflow 16 bits
 
 
+def test_kernel_disagreement_is_blamed_on_overflow_only_where_overflow_is_possible():
+    from passes.verify import kernel_disagreement_hint
+
+    assert "overflow" in kernel_disagreement_hint(weight_bits=8, abits=8)
+    assert "ruled out" not in kernel_disagreement_hint(weight_bits=8, abits=8)
+    for weight_bits, abits in ((7, 8), (6, 8), (8, 6)):
+        assert "ruled out" in kernel_disagreement_hint(weight_bits=weight_bits, abits=abits)
+
+
 def test_weights_are_int8_within_the_bit_width_with_zero_points_zero():
     quantized, _ = ocs_onnx.compile(builders.mlp_gemm(), wbits=4, abits=None)
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in quantized.graph.initializer}
@@ -187,6 +196,29 @@ def test_batchnorm_is_folded_into_conv_and_constants_become_initializers():
     assert not any(n.op_type == "Constant" for n in quantized.graph.node)
 
 
+def test_weights_held_in_constant_nodes_are_counted_as_parameters():
+    model = builders.constant_weights_net(channels=4, out_features=10)
+    _, report = ocs_onnx.compile(model, abits=None)
+    conv, fc = 4 * 3 * 3 * 3 + 4, 4 * 8 * 8 * 10 + 10
+    assert report["totals"]["parameters_before"] == conv + fc
+    assert report["totals"]["parameters_after"] >= conv + fc
+
+
+def test_a_reshape_with_a_target_shape_computed_at_run_time_still_feeds_an_integer_gemm():
+    # paddle2onnx flattens a classifier's pooled features with a run-time target shape; ONNX
+    # shape inference cannot follow it, but the target's length gives the rank the MatMul
+    # needs to become a Gemm (an integer kernel) instead of staying a float MatMul.
+    model = builders.runtime_reshape_head_net()
+    quantized, report = ocs_onnx.compile(model)
+    assert report["normalization"]["matmul_add_to_gemm"] == 1
+    assert [layer["op"] for layer in report["layers"]] == ["Conv", "Gemm"]
+    assert report["onnxruntime"]["integer_kernels"] == report["onnxruntime"]["quantized_layers"] == 2
+    feed = builders.random_inputs(model, batch=5)
+    (expected,), (actual,) = run_model(model, feed), run_model(quantized, feed)
+    assert actual.shape == (5, 2)
+    assert np.abs(expected - actual).max() < 0.05
+
+
 def test_dynamic_batch_and_sequence_dimensions_stay_dynamic():
     quantized, _ = ocs_onnx.compile(builders.transformer_block())
     dims = [d.dim_param for d in quantized.graph.input[0].type.tensor_type.shape.dim[:2]]
@@ -209,6 +241,31 @@ def test_excluded_nodes_stay_float():
     names = {layer["name"] for layer in report["layers"]}
     assert names == {"attn.q_proj/matmul", "attn.k_proj/matmul", "attn.v_proj/matmul", "attn.out_proj/matmul"}
     assert report["kept_float"]["ffn.fc1/matmul"] == "excluded by --exclude ffn.*"
+
+
+def test_a_conv_transpose_stays_float_and_the_report_says_so():
+    # A detector's upsampling head (PP-OCR det ends in two of them)
+    rng = np.random.default_rng(0)
+    conv_w = onnx.numpy_helper.from_array(rng.normal(size=(8, 3, 3, 3)).astype(np.float32), "conv.weight")
+    up_w = onnx.numpy_helper.from_array(rng.normal(size=(8, 4, 2, 2)).astype(np.float32), "up.weight")
+    nodes = [
+        onnx.helper.make_node("Conv", ["x", "conv.weight"], ["h"], name="conv", pads=[1, 1, 1, 1]),
+        onnx.helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        onnx.helper.make_node("ConvTranspose", ["r", "up.weight"], ["y"], name="up", strides=[2, 2]),
+    ]
+    graph = onnx.helper.make_graph(
+        nodes,
+        "upsampling_head",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4, 16, 16])],
+        [conv_w, up_w],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)], ir_version=8)
+    quantized, report = ocs_onnx.compile(model)
+    assert [layer["name"] for layer in report["layers"]] == ["conv"]
+    assert "ConvTranspose" in report["kept_float"]["up"]
+    feed = builders.random_inputs(model, batch=2)
+    assert run_model(quantized, feed)[0].shape == (2, 4, 16, 16)
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,8 +325,17 @@ def test_an_all_zero_weight_quantizes_to_zero_without_dividing_by_zero():
     assert np.isfinite(y).all()
 
 
+def test_activations_are_clipped_at_the_99_99th_percentile_by_default():
+    _, default = ocs_onnx.compile(str(digits.MODEL), calib_data=digits.CALIBRATION)
+    _, unclipped = ocs_onnx.compile(str(digits.MODEL), calib_data=digits.CALIBRATION, aclip="none")
+    name = "relu2_out"
+    clip = default["activations"][name]["clip"]
+    assert clip["method"] == "percentile" and default["config"]["percentile"] == 99.99
+    assert clip["range"][1] < unclipped["activations"][name]["clip"]["range"][1]
+
+
 def test_activation_clip_narrows_ranges_from_the_calibration_histogram():
-    _, plain = ocs_onnx.compile(str(digits.MODEL), calib_data=digits.CALIBRATION)
+    _, plain = ocs_onnx.compile(str(digits.MODEL), calib_data=digits.CALIBRATION, aclip="none")
     _, clipped = ocs_onnx.compile(str(digits.MODEL), calib_data=digits.CALIBRATION, aclip="percentile", percentile=99.0)
     name = "relu2_out"  # a Relu output read by two layers
     full, narrowed = plain["activations"][name], clipped["activations"][name]
@@ -359,9 +425,9 @@ def test_activation_ocs_widens_every_layer_reading_the_split_activation():
 
 def test_activation_ocs_raises_the_split_activations_sqnr():
     model = builders.two_branch_conv_net(outlier_channel=3)
-    for bits in (4, 6):
-        _, plain = ocs_onnx.compile(model, abits=bits, ratio=0.0)
-        _, split = ocs_onnx.compile(model, abits=bits, ratio=0.0, act_ratio=0.1)
+    for bits in (4, 6):  # unclipped, to see the split alone
+        _, plain = ocs_onnx.compile(model, abits=bits, ratio=0.0, aclip="none")
+        _, split = ocs_onnx.compile(model, abits=bits, ratio=0.0, act_ratio=0.1, aclip="none")
         (after,) = [a for a in split["activations"].values() if a["split"] and a["split"]["of"] == "stem/relu_out"]
         before = plain["activations"]["stem/relu_out"]
         assert after["range"][1] == pytest.approx(before["range"][1] / 2, rel=0.2)  # the outlier halved
