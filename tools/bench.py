@@ -5,14 +5,15 @@
 
 For each model: the float metric, then onnxruntime ``quantize_static`` (QDQ, per-channel, QUInt8
 activations, QInt8 weights; MinMax, Entropy and Percentile calibration; MinMax with
-``reduce_range``, and MinMax with QInt4 weights) and ocs-onnx at W8A8,
-W6A8, W5A8 and W4A8 with OCS ratios 0, 0.01, 0.02, 0.05, activations clipped at the default
-99.99th percentile and unclipped (``--aclip none``) (``--quick``: ratios 0 and 0.02, default clip). Every quantizer runs in a child process on the same model and
-calibration file, so that its wall time and peak memory (the child's max RSS, from wait4) are
-its own. For every output: the task metric, compile time and peak memory as ratios to
-onnxruntime's MinMax run on the same model in the same run, the output size, and the
-onnxruntime latency of the quantized model relative to the float one (same process, one thread,
-interleaved runs, median of per-run ratios).
+``reduce_range``, and MinMax with QInt4 weights; models below opset 13 upgraded to 13 first,
+which per-channel QDQ needs) and ocs-onnx at W8A8, W6A8, W5A8 and W4A8 with OCS ratios 0, 0.01,
+0.02, 0.05, activations clipped at the default 99.99th percentile and unclipped
+(``--aclip none``) (``--quick``: ratios 0 and 0.02, default clip). Every quantizer runs in a
+child process on the same model and calibration file, so that its wall time and peak memory
+(the child's max RSS, from wait4) are its own. For every output: the task metric, compile time
+and peak memory as ratios to onnxruntime's MinMax run on the same model in the same run, the
+output size, and the onnxruntime latency of the quantized model relative to the float one (same
+process, one thread, interleaved runs, median of per-run ratios).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,6 +133,13 @@ def run_child(label: str, command: list[str], output: Path) -> Run:
     return Run(label, output, ok, seconds, usage.ru_maxrss / 1024, error)
 
 
+PER_CHANNEL_MIN_OPSET = 13
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
 def ort_quantize_child(model: str, calibration: str, output: str, method: str, weight_type: str, reduce: str) -> int:
     """The body of an onnxruntime quantize_static child (``--ort-child``)."""
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
@@ -149,6 +158,13 @@ def ort_quantize_child(model: str, calibration: str, output: str, method: str, w
 
     with tempfile.TemporaryDirectory() as folder:
         prepared = str(Path(folder) / "prepared.onnx")
+        source = onnx.load(model)
+        if _default_opset(source) < PER_CHANNEL_MIN_OPSET:
+            # Per-channel QDQ needs DequantizeLinear's axis (opset 13); at opset 11 quantize_static
+            # writes a model onnxruntime cannot load. Upgrading first is what a user would do
+            # (ocs-onnx upgrades too, in its upgrade-opset pass).
+            model = str(Path(folder) / "upgraded.onnx")
+            onnx.save(onnx.version_converter.convert_version(source, PER_CHANNEL_MIN_OPSET), model)
         quant_pre_process(model, prepared)  # what onnxruntime's documentation asks for before quantizing
         quantize_static(
             prepared,
