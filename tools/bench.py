@@ -278,8 +278,41 @@ def _fmt(value, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _headline(row: dict, metric: str) -> str:
+    return _fmt(row["metrics"].get(metric)) if row.get("ok") else "failed"
+
+
+def summary(results: list[dict]) -> list[str]:
+    """One line per model: the headline metric of float, onnxruntime's best W8A8 calibration and
+    ocs-onnx with its defaults at each width (OCS ratio 0 / 0.02), and ocs-onnx's W8A8 compile
+    time and peak memory relative to onnxruntime's MinMax run."""
+    header = ["model", "metric", "float", "onnxruntime best W8A8", "ocs-onnx W8A8"]
+    header += [f"ocs-onnx W{b}A8 r=0 / 0.02" for b in OCS_BITS[1:]]
+    header += ["compile time vs ORT", "peak memory vs ORT"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for result in results:
+        metric = next(iter(result["float"]))
+        runs = {(r["quantizer"], r["bits"]): r for r in result["runs"]}
+        ort = [r for r in result["runs"] if r["quantizer"].startswith("onnxruntime") and r["bits"] == "W8A8"]
+        ok = [r for r in ort if r["ok"]]
+        best = max(ok, key=lambda r: r["metrics"][metric], default=None)
+        best_text = (
+            f"{_headline(best, metric)} ({best['quantizer'].removeprefix('onnxruntime ')})" if best else "failed"
+        )
+
+        def ocs(bits: int, ratio: float) -> dict:
+            return runs.get((f"ocs-onnx r={ratio} aclip=percentile", f"W{bits}A8"), {"ok": False})
+
+        default = ocs(8, 0.02)
+        cells = [result["model"], metric, f"{result['float'][metric]:.2f}", best_text, _headline(default, metric)]
+        cells += [f"{_headline(ocs(b, 0.0), metric)} / {_headline(ocs(b, 0.02), metric)}" for b in OCS_BITS[1:]]
+        cells += [_fmt(default.get("time_vs_ort")), _fmt(default.get("memory_vs_ort"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def markdown(results: list[dict]) -> str:
-    lines = []
+    lines = summary(results)
     for result in results:
         metric_names = list(result["float"])
         lines += [
