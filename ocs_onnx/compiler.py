@@ -68,7 +68,7 @@ def compile(
     source = "<in-memory model>" if isinstance(model, onnx.ModelProto) else str(model)
     if config.abits is not None or config.verify:
         check_onnxruntime_loads(proto, source, config.abits)
-    ctx = CompileContext(config, source=source)
+    ctx = CompileContext(config, source=source, input_model=model)
     graph = model_to_graph(proto)
     ctx.reserve_names(graph)
     manager = build_pass_manager()

@@ -80,6 +80,9 @@ class ActivationSplit:
 class CompileContext:
     config: CompileConfig
     source: str = "<model>"
+    # The model as given (a path or a ModelProto), to tell a model that cannot run from a
+    # compiled model that cannot.
+    input_model: object = None
     layers: list[LayerPlan] = field(default_factory=list)
     # Nodes kept float and why: {node name: reason}.
     kept_float: dict[str, str] = field(default_factory=dict)

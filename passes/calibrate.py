@@ -64,14 +64,20 @@ def run(graph: gs.Graph, ctx: CompileContext) -> None:
     model = graph_to_model(graph)
     specs = model_input_specs(model)
     batch = _batch_size(specs, config.calib_batch)
+    limits = integer_input_limits(graph)
+    synthetic_feed = None
     if config.calib_data is not None:
         data = open_calibration_data(config.calib_data, specs)
         total = min(config.calib_samples, data.samples)
         batches = data.batches(total, batch)
         source = str(config.calib_data)
+
+        def synthetic_feed(rows: int) -> dict:
+            return next(synthetic_batches(specs, rows, rows, config.seed, limits))
+
     else:
         total = config.calib_samples
-        batches = synthetic_batches(specs, total, batch, config.seed, integer_input_limits(graph))
+        batches = synthetic_batches(specs, total, batch, config.seed, limits)
         source = "synthetic"
         ctx.warn(
             "no --calib-data: activation ranges come from synthetic random inputs and may not match real data; "
@@ -82,7 +88,13 @@ def run(graph: gs.Graph, ctx: CompileContext) -> None:
         batches = (feed for feed in batches if next(iter(feed.values())).shape[0] == batch)
     names = sorted(set(ctx.activations.values()))
     result = observe_ranges(
-        model, names, batches, specs, on_batch=_progress(total), channel_layouts=ctx.activation_split_candidates
+        model,
+        names,
+        batches,
+        specs,
+        on_batch=_progress(total),
+        channel_layouts=ctx.activation_split_candidates,
+        synthetic_feed=synthetic_feed,
     )
     if result.samples == 0:
         raise CalibrationDataError(f"no calibration samples could be used (the model needs batches of exactly {batch})")

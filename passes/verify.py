@@ -19,8 +19,8 @@ import onnxruntime as ort
 
 from ocs_onnx.calibration import model_input_specs, prepare_feed, synthetic_batches
 from ocs_onnx.context import CompileContext
-from ocs_onnx.errors import VerificationError, first_line
-from ocs_onnx.model_io import graph_to_model
+from ocs_onnx.errors import InvalidModelError, VerificationError, first_line
+from ocs_onnx.model_io import graph_to_model, onnxruntime_message
 from ocs_onnx.pass_manager import Pass
 from ocs_onnx.quant import sqnr_db
 
@@ -86,7 +86,14 @@ def run(graph: gs.Graph, ctx: CompileContext) -> None:
     try:
         outputs = session.run(None, feed)
     except Exception as exc:
-        raise VerificationError(f"onnxruntime cannot run the compiled model: {first_line(exc)}")
+        # Calibration ran the float model on the reference batch; without one (--abits none),
+        # the input model may be what cannot run.
+        if reference is None and not _input_model_runs(ctx, feed):
+            raise InvalidModelError(
+                f"onnxruntime cannot run the model on a synthetic batch (the input model fails as the compiled one "
+                f"does): {onnxruntime_message(exc)}; --no-verify compiles it without running it"
+            )
+        raise VerificationError(f"onnxruntime cannot run the compiled model: {onnxruntime_message(exc)}")
     names = [o.name for o in session.get_outputs()]
     if not all(np.isfinite(o).all() for o in outputs if np.asarray(o).dtype.kind == "f"):
         ctx.warn("the compiled model produced NaN or Inf on the verification batch")
@@ -110,7 +117,19 @@ def run(graph: gs.Graph, ctx: CompileContext) -> None:
     ctx.verification = result
 
 
-def _unoptimized_session(model_bytes: bytes) -> ort.InferenceSession:
+def _input_model_runs(ctx: CompileContext, feed: dict[str, np.ndarray]) -> bool:
+    source = ctx.input_model
+    if source is None:
+        return True
+    model = source.SerializeToString() if isinstance(source, onnx.ModelProto) else str(source)
+    try:
+        _unoptimized_session(model).run(None, feed)
+    except Exception:
+        return False
+    return True
+
+
+def _unoptimized_session(model_bytes: bytes | str) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 4  # errors are raised, not printed
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
