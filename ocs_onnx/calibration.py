@@ -358,7 +358,7 @@ def _rows(feed: dict[str, np.ndarray]) -> int:
     return next(iter(feed.values())).shape[0] if feed else 0
 
 
-def _run_failure(session, outputs, specs, synthetic_feed, rows: int, index: int, exc: Exception) -> Exception:
+def _run_failure(session, outputs, specs, constants, synthetic_feed, rows: int, index: int, exc: Exception) -> Exception:
     """The error for a batch the model could not run on: the model's fault or the data's."""
     message = onnxruntime_message(exc)
     if synthetic_feed is None:
@@ -368,7 +368,7 @@ def _run_failure(session, outputs, specs, synthetic_feed, rows: int, index: int,
             "sizes or values, pass inputs it runs on with --calib-data"
         )
     try:
-        session.run(outputs, prepare_feed(synthetic_feed(rows), specs, "synthetic batch"))
+        session.run(outputs, {**prepare_feed(synthetic_feed(rows), specs, "synthetic batch"), **constants})
     except Exception:
         return InvalidModelError(
             f"onnxruntime cannot run the model, on calibration batch {index} nor on synthetic inputs: {message}"
@@ -387,6 +387,7 @@ def observe_ranges(
     on_batch: Callable[[int], None] | None = None,
     channel_layouts: dict[str, tuple[int, int]] | None = None,
     synthetic_feed: Callable[[int], dict[str, np.ndarray]] | None = None,
+    constants: dict[str, np.ndarray] | None = None,
 ) -> CalibrationResult:
     """Runs ``model`` on every batch: the range of every tensor, the sample count, and the first
     batch with the model's outputs on it (the reference the quantized model is checked against).
@@ -396,7 +397,9 @@ def observe_ranges(
     A batch the model cannot run on is the data's fault (CalibrationDataError) only if the model
     runs on synthetic inputs of the same size, ``synthetic_feed(rows)``; otherwise, and always
     when ``synthetic_feed`` is None (the batches are synthetic themselves), the model cannot
-    run (InvalidModelError)."""
+    run (InvalidModelError).
+
+    ``constants`` are model inputs that hold weights ({name: values}), fed to every run."""
     input_names = {s.name for s in specs}
     outputs = [o.name for o in model.graph.output]
     graph_outputs = set(outputs)
@@ -408,6 +411,7 @@ def observe_ranges(
     options.log_severity_level = 4  # errors are raised, not printed
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    constants = constants or {}
     layouts = channel_layouts or {}
     observers = {name: RangeObserver(layouts.get(name)) for name in tensor_names}
     samples = 0
@@ -425,9 +429,9 @@ def observe_ranges(
             size = 1 if chunk is None else (chunk or rows)
             part = feed if start == 0 and size >= rows else {k: v[start : start + size] for k, v in feed.items()}
             try:
-                values = session.run(fetched + outputs, part)
+                values = session.run(fetched + outputs, {**part, **constants})
             except Exception as exc:
-                raise _run_failure(session, outputs, specs, synthetic_feed, _rows(part), index, exc)
+                raise _run_failure(session, outputs, specs, constants, synthetic_feed, _rows(part), index, exc)
             for name, value in zip(fetched, values):
                 observers[name].update(value)
             for name in tensor_names:

@@ -83,6 +83,8 @@ class CompileContext:
     # The model as given (a path or a ModelProto), to tell a model that cannot run from a
     # compiled model that cannot.
     input_model: object = None
+    # A folder for temporary files (a large model's copy for onnxruntime); None: the system's.
+    scratch: object = None
     layers: list[LayerPlan] = field(default_factory=list)
     # Nodes kept float and why: {node name: reason}.
     kept_float: dict[str, str] = field(default_factory=dict)

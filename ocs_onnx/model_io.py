@@ -1,30 +1,87 @@
 """Reading models (with a clear error for anything that is not a valid ONNX model) and
 writing outputs atomically: a temporary file in the target folder, then a rename, so that a
-reader never sees a half-written file and a failed compile leaves nothing behind."""
+reader never sees a half-written file and a failed compile leaves nothing behind.
+
+Weights stored as external data are memory-mapped, not read (see ``external_data.py``), and the
+graph copies that only need the model's structure (the checker, shape inference, calibration)
+leave the large weights out (``graph_skeleton``).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError, Message
 from onnx import numpy_helper
+from onnx.external_data_helper import uses_external_data
+from onnx_graphsurgeon.exporters.onnx_exporter import dtype_to_onnx
+from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from . import __version__
 from .errors import InvalidModelError, UnsupportedModelError, UsageError, first_line
+from .external_data import (
+    EXTERNAL_MIN_BYTES,
+    all_tensors,
+    DataLayout,
+    MappedData,
+    check_external_tensors,
+    data_file_name,
+    map_external_data,
+)
 
 PRODUCER_NAME = "ocs-onnx"
 
 
-def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
-    """Loads and checks a model; raises InvalidModelError with a one-line reason."""
+# protobuf cannot serialize a message of 2 GiB or more; a model that big is written with its
+# weights in a data file.
+PROTOBUF_LIMIT = 2**31
+# Room kept below that limit for everything but the weights' bytes (names, nodes, headers).
+PROTOBUF_MARGIN = 64 << 20
+
+
+@dataclass
+class ModelSource:
+    """A loaded and checked model: the ModelProto (external data not read) and its external
+    weights, memory-mapped."""
+
+    proto: onnx.ModelProto
+    where: str
+    path: Path | None = None
+    external: MappedData = field(default_factory=MappedData)
+
+    @property
+    def input_files(self) -> list[Path]:
+        """The files the model is made of: the model and its data files."""
+        return ([self.path] if self.path is not None else []) + list(self.external.files)
+
+    @property
+    def bytes(self) -> int:
+        """The model's size: its protobuf and its external data."""
+        return self.proto.ByteSize() + self.external.bytes
+
+    def release(self) -> None:
+        self.external.release()
+
+
+def load_model(source: str | os.PathLike | onnx.ModelProto) -> ModelSource:
+    """Loads and checks a model; raises InvalidModelError with a one-line reason. The external
+    data of a model file is checked (where it is, how big) before any of it is read."""
     if isinstance(source, onnx.ModelProto):
-        model = source
-        where = "model"
+        model, where, path = source, "model", None
+        if any(uses_external_data(t) for _, t in all_tensors(model)):
+            raise InvalidModelError(
+                "model: holds tensors whose external data is not loaded; pass the model's path instead"
+            )
     else:
         path = Path(source)
         where = str(path)
@@ -35,35 +92,38 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
         if path.stat().st_size == 0:
             raise InvalidModelError(f"{path}: file is empty")
         try:
-            model = onnx.load(str(path))
+            model = onnx.load(str(path), load_external_data=False)
         except (DecodeError, RuntimeWarning, ValueError, OSError) as exc:
             raise InvalidModelError(f"{path}: not a readable ONNX model ({first_line(exc)})")
-        except onnx.checker.ValidationError as exc:
-            raise InvalidModelError(f"{path}: invalid external data ({first_line(exc)})")
     if not model.HasField("graph") or len(model.graph.node) == 0:
         raise InvalidModelError(f"{where}: not an ONNX model (no graph or no nodes)")
     bad_text = _undecodable_text(model)
     if bad_text is not None:
         raise InvalidModelError(f"{where}: {bad_text}")
+    refs = check_external_tensors(model, path.parent, where) if path is not None else []
     try:
-        onnx.checker.check_model(model)
+        # With external data, the checker looks for the data files beside the model: give it the path.
+        onnx.checker.check_model(str(path) if refs else model)
     except onnx.checker.ValidationError as exc:
         raise InvalidModelError(f"{where}: fails onnx.checker: {first_line(exc)}")
+    except ValueError as exc:  # a model file beyond 2 GiB without external data
+        raise InvalidModelError(f"{where}: cannot be checked: {first_line(exc)}")
     _check_opsets(model, where)
+    external = map_external_data(model, refs, path.parent) if refs else MappedData()
     _check_tensor_data(model, where)
     _check_inputs(model, where)
-    return model
+    return ModelSource(model, where, path, external)
 
 
 def _undecodable_text(message: Message) -> str | None:
     """The first text field that is not valid UTF-8, described. protobuf parses such a field
     (ONNX is proto2) and returns bytes for it, which nothing downstream expects."""
-    for field, value in message.ListFields():
-        if field.type == field.TYPE_STRING:
+    for descriptor, value in message.ListFields():
+        if descriptor.type == descriptor.TYPE_STRING:
             for text in [value] if isinstance(value, (str, bytes)) else value:
                 if isinstance(text, bytes):
-                    return f"field {field.name!r} holds text that is not valid UTF-8 ({text[:40]!r})"
-        elif field.type == field.TYPE_MESSAGE:
+                    return f"field {descriptor.name!r} holds text that is not valid UTF-8 ({text[:40]!r})"
+        elif descriptor.type == descriptor.TYPE_MESSAGE:
             for child in [value] if isinstance(value, Message) else value:
                 found = _undecodable_text(child)
                 if found is not None:
@@ -92,8 +152,8 @@ def _check_tensor_data(model: onnx.ModelProto, where: str) -> None:
         if a.type == onnx.AttributeProto.TENSOR
     ]
     for what, tensor in tensors:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            continue  # read from its file by onnx.load; a ModelProto passed in keeps it there
+        if uses_external_data(tensor):
+            continue  # mapped, its size checked against its type and shape
         try:
             numpy_helper.to_array(tensor)
         except Exception as exc:  # KeyError for unknown types, ValueError for sizes, ...
@@ -148,18 +208,29 @@ def onnxruntime_message(exc: BaseException) -> str:
     return _ORT_PREFIX.sub("", first_line(exc))
 
 
-def check_onnxruntime_loads(model: onnx.ModelProto, where: str, abits: int | None) -> None:
-    """Fails early, with the reason, when onnxruntime cannot load the float model: it would have
-    to run it for calibration or for verification. An op onnxruntime does not know is named,
-    with the options that avoid running the model."""
+def input_session(source: ModelSource, optimize: bool = False):
+    """An onnxruntime session on the input model: from its file when it has one (onnxruntime
+    maps its external data), from its bytes otherwise."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 4
-    # Loading checks types, shapes and ops; optimizing would only cost time here.
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if not optimize:
+        # Loading checks types, shapes and ops; optimizing would only cost time here.
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    # Pre-packed copies of the weights would double the memory of a large model for nothing.
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    model = str(source.path) if source.path is not None else source.proto.SerializeToString()
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def check_onnxruntime_loads(source: ModelSource, abits: int | None) -> None:
+    """Fails early, with the reason, when onnxruntime cannot load the float model: it would have
+    to run it for calibration or for verification. An op onnxruntime does not know is named,
+    with the options that avoid running the model."""
+    model, where = source.proto, source.where
     try:
-        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        input_session(source)
     except Exception as exc:  # onnxruntime raises its own exception types, one per status code
         message = onnxruntime_message(exc)
         unknown = _ORT_UNKNOWN_OP.search(message)
@@ -182,6 +253,11 @@ def check_onnxruntime_loads(model: onnx.ModelProto, where: str, abits: int | Non
         raise InvalidModelError(f"{where}: onnxruntime cannot load the model: {message}")
 
 
+# --------------------------------------------------------------------------------------------
+# Graphs
+# --------------------------------------------------------------------------------------------
+
+
 def graph_to_model(graph: gs.Graph) -> onnx.ModelProto:
     """Exports the graph with a fixed producer and the lowest IR version its opsets allow,
     so that the bytes depend only on the graph (determinism) and older runtimes load it."""
@@ -192,8 +268,133 @@ def graph_to_model(graph: gs.Graph) -> onnx.ModelProto:
     return model
 
 
-def model_to_graph(model: onnx.ModelProto) -> gs.Graph:
-    return gs.import_onnx(model)
+def model_to_graph(model: ModelSource | onnx.ModelProto) -> gs.Graph:
+    """The graph of a model; external weights become constants whose values are their mapped
+    arrays."""
+    if isinstance(model, onnx.ModelProto):
+        return gs.import_onnx(model)
+    graph = gs.import_onnx(model.proto)
+    arrays = model.external.arrays
+    if arrays:
+        for name, tensor in graph.tensors().items():
+            if isinstance(tensor, gs.Constant) and name in arrays:
+                tensor.values = arrays[name]
+                tensor.data_location = None
+    return graph
+
+
+def constant_nbytes(constant: gs.Constant) -> int:
+    """Bytes of a constant's values, without loading them."""
+    values = constant._values
+    return int(values.nbytes) if hasattr(values, "nbytes") else int(np.asarray(constant.values).nbytes)
+
+
+def constant_array(constant: gs.Constant) -> np.ndarray:
+    """A constant's values, without keeping a loaded copy in the graph (onnx-graphsurgeon keeps
+    what ``Constant.values`` loads)."""
+    values = constant._values
+    return values.load() if isinstance(values, LazyValues) else constant.values
+
+
+def _is_plain(constant: gs.Constant) -> bool:
+    """A constant exported as its values' bytes (not sparse, no dtype conversion on export)."""
+    values = constant._values
+    if isinstance(values, SparseValues):
+        return False
+    if constant._export_dtype is not None and dtype_to_onnx(constant._export_dtype) != dtype_to_onnx(values.dtype):
+        return False
+    try:
+        return np.dtype(values.dtype).kind in "biufc" and dtype_to_onnx(values.dtype) != onnx.TensorProto.STRING
+    except TypeError:  # an ONNX type numpy has no name for
+        return False
+
+
+class _Stub(LazyValues):
+    """Stands in for a constant's values while a graph is exported: the TensorProto it exports
+    has the constant's type and shape and no data (``tensor`` is what the exporter takes)."""
+
+    def __init__(self, tensor: onnx.TensorProto, shape, dtype):
+        self.tensor, self.shape, self.dtype = tensor, tuple(shape), dtype
+        self.nbytes = 0
+
+    def load(self):
+        raise RuntimeError("a stub has no values")
+
+
+@contextlib.contextmanager
+def _stubbed(constants: dict[str, gs.Constant], make_tensor: Callable[[str, gs.Constant], onnx.TensorProto]):
+    """Within the block, the given constants export as ``make_tensor(name, constant)``."""
+    saved = {}
+    try:
+        for name, constant in constants.items():
+            values = constant._values
+            saved[name] = values
+            constant._values = _Stub(make_tensor(name, constant), values.shape, values.dtype)
+        yield
+    finally:
+        for name, values in saved.items():
+            constants[name]._values = values
+
+
+# Constants at least this large are left out of the graph copies that need only its structure.
+SKELETON_MIN_BYTES = 1 << 20
+
+
+def graph_skeleton(graph: gs.Graph, min_bytes: int = SKELETON_MIN_BYTES) -> tuple[onnx.ModelProto, dict]:
+    """The graph as a model in which every constant of ``min_bytes`` or more is a graph input of
+    its type and shape instead of an initializer: what the checker, shape inference and
+    calibration need, without a copy of the weights. Returns it and {name: left-out Constant}."""
+    large = {
+        name: t
+        for name, t in graph.tensors().items()
+        if isinstance(t, gs.Constant) and _is_plain(t) and constant_nbytes(t) >= min_bytes
+    }
+
+    def empty(name: str, constant: gs.Constant) -> onnx.TensorProto:
+        return onnx.TensorProto(name=name, data_type=dtype_to_onnx(constant._values.dtype), dims=constant.shape)
+
+    with _stubbed(large, empty):
+        model = graph_to_model(graph)
+    initializers = model.graph.initializer
+    for index in reversed(range(len(initializers))):
+        if initializers[index].name in large:
+            del initializers[index]
+    for name, constant in large.items():
+        model.graph.input.append(
+            onnx.helper.make_tensor_value_info(name, dtype_to_onnx(constant._values.dtype), list(constant.shape))
+        )
+    return model, large
+
+
+def graph_from_skeleton(model: onnx.ModelProto, left_out: dict[str, gs.Constant]) -> gs.Graph:
+    """The graph of a model made by ``graph_skeleton`` (e.g. after shape inference), with the
+    left-out constants back in place."""
+    graph = gs.import_onnx(model)
+    tensors = graph.tensors()
+    for name, constant in left_out.items():
+        tensor = tensors.get(name)
+        if tensor is None or isinstance(tensor, gs.Constant):
+            continue
+        kind = type(constant)
+        tensor.to_constant(constant._values, export_dtype=constant._export_dtype)
+        tensor.__class__ = kind
+        tensor.data_location = constant.data_location
+    graph.inputs = [t for t in graph.inputs if t.name not in left_out]
+    return graph
+
+
+def graph_bytes(graph: gs.Graph) -> int:
+    """Bytes of all the graph's constants."""
+    return sum(constant_nbytes(t) for t in graph.tensors().values() if isinstance(t, gs.Constant))
+
+
+def parameter_count(graph: gs.Graph) -> int:
+    return int(sum(np.prod(t.shape, dtype=np.int64) for t in graph.tensors().values() if isinstance(t, gs.Constant)))
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
 
 
 def default_output_path(input_path: Path) -> Path:
@@ -201,17 +402,50 @@ def default_output_path(input_path: Path) -> Path:
     return input_path.with_name(input_path.stem + ".q.onnx")
 
 
+# A file's contents: bytes, or a function that writes them to an open file (streaming).
+Contents = bytes | Callable[[BinaryIO], None]
+
+
+def model_files(graph: gs.Graph, path: Path, external_data: bool = False) -> tuple[dict[Path, Contents], int]:
+    """The files of the model written at ``path``, and their total size in bytes.
+
+    One protobuf file, unless ``external_data`` is asked for or the model would reach
+    protobuf's 2 GiB limit: then every constant of ``EXTERNAL_MIN_BYTES`` or more goes to
+    ``<path>.data`` beside it (its location in the model is that file name), streamed from
+    the arrays when the file is written. The bytes depend only on the graph.
+    """
+    path = Path(path)
+    if not external_data and graph_bytes(graph) < PROTOBUF_LIMIT - PROTOBUF_MARGIN:
+        data = graph_to_model(graph).SerializeToString(deterministic=True)
+        return {path: data}, len(data)
+    layout = DataLayout(data_file_name(path))
+    large = {
+        name: t
+        for name, t in graph.tensors().items()
+        if isinstance(t, gs.Constant) and _is_plain(t) and constant_nbytes(t) >= EXTERNAL_MIN_BYTES
+    }
+    places = {name: layout.add(name, constant_nbytes(c), lambda c=c: constant_array(c)) for name, c in large.items()}
+
+    def stub(name: str, constant: gs.Constant) -> onnx.TensorProto:
+        return layout.stub(name, dtype_to_onnx(constant._values.dtype), constant.shape, *places[name])
+
+    with _stubbed(large, stub):
+        data = graph_to_model(graph).SerializeToString(deterministic=True)
+    return {path: data, path.with_name(layout.location): layout.write}, len(data) + layout.size
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Writes ``data`` to ``path`` through a temporary file in the same folder and a rename."""
     write_files_atomic({Path(path): data})
 
 
-def write_files_atomic(files: dict[Path, bytes]) -> None:
+def write_files_atomic(files: dict[Path, Contents]) -> None:
     """Writes every file to a temporary file beside it first, and renames them only once all
-    are written: a failure (full disk, interrupt) leaves none of them and no temporary file."""
+    are written: a failure (full disk, interrupt) leaves none of them and no temporary file.
+    A file's contents are bytes or a function writing them to the open file."""
     pending: dict[Path, str] = {}
     try:
-        for path, data in files.items():
+        for path, contents in files.items():
             path = Path(path)
             folder = path.parent if str(path.parent) else Path(".")
             if not folder.is_dir():
@@ -219,7 +453,10 @@ def write_files_atomic(files: dict[Path, bytes]) -> None:
             fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
             pending[path] = tmp_name
             with os.fdopen(fd, "wb") as f:
-                f.write(data)
+                if callable(contents):
+                    contents(f)
+                else:
+                    f.write(contents)
                 f.flush()
                 os.fsync(f.fileno())
         for path, tmp_name in list(pending.items()):
@@ -234,5 +471,20 @@ def write_files_atomic(files: dict[Path, bytes]) -> None:
         raise
 
 
-def save_model_atomic(model: onnx.ModelProto, path: Path) -> None:
-    write_bytes_atomic(path, model.SerializeToString(deterministic=True))
+def save_graph_atomic(graph: gs.Graph, path: Path, external_data: bool = False) -> None:
+    write_files_atomic(model_files(graph, path, external_data)[0])
+
+
+@contextlib.contextmanager
+def session_model(graph: gs.Graph, folder: Path | None = None, inline_limit: int = 1 << 30) -> Iterator[bytes | str]:
+    """What an onnxruntime session loads the graph from: its bytes, or (a model whose weights
+    reach ``inline_limit``) the path of a copy written with external data in a temporary folder
+    inside ``folder`` (the system's by default), which onnxruntime maps instead of copying."""
+    if graph_bytes(graph) < inline_limit:
+        yield graph_to_model(graph).SerializeToString()
+        return
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".ocs-onnx-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        files, _ = model_files(graph, path, external_data=True)
+        write_files_atomic(files)
+        yield str(path)

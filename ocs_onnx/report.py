@@ -6,14 +6,9 @@ import json
 import math
 
 import numpy as np
-import onnx
 
 from . import __version__
 from .context import CompileContext, LayerPlan
-
-
-def _weight_count(model: onnx.ModelProto) -> int:
-    return int(sum(np.prod(t.dims, dtype=np.int64) for t in model.graph.initializer))
 
 
 def _scale_value(scale) -> float | list[float]:
@@ -85,11 +80,14 @@ def activation_entry(name: str, qp, ctx: CompileContext) -> dict:
     }
 
 
-def build_report(ctx: CompileContext, model_in: onnx.ModelProto, model_out: onnx.ModelProto) -> dict:
+def build_report(ctx: CompileContext, model_in, output: tuple[int, int]) -> dict:
+    """The report of a compile; ``model_in`` is the loaded input (``ModelSource``), ``output``
+    the output's (parameter count, bytes)."""
     layers = [layer_entry(plan, ctx) for plan in ctx.layers]
     weights_before = int(sum(p.model_weight_size for p in ctx.layers))
     weights_after = int(sum((p.weight.values.size if p.splits else p.original_weight.size) for p in ctx.layers))
-    params_before, params_after = _weight_count(model_in), _weight_count(model_out)
+    params_before = int(sum(np.prod(t.dims, dtype=np.int64) for t in model_in.proto.graph.initializer))
+    params_after, bytes_after = output
     activations = {name: activation_entry(name, qp, ctx) for name, qp in ctx.activation_qparams.items()}
     return {
         "ocs_onnx_version": __version__,
@@ -116,8 +114,8 @@ def build_report(ctx: CompileContext, model_in: onnx.ModelProto, model_out: onnx
             },
             "parameters_before": params_before,
             "parameters_after": params_after,
-            "model_bytes_before": model_in.ByteSize(),
-            "model_bytes_after": model_out.ByteSize(),
+            "model_bytes_before": model_in.bytes,
+            "model_bytes_after": bytes_after,
         },
         "pass_seconds": {name: round(seconds, 4) for name, seconds in ctx.pass_seconds.items()},
         "warnings": ctx.warnings,
