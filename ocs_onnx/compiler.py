@@ -58,7 +58,9 @@ def _compile(
 ) -> tuple[gs.Graph, CompileContext]:
     if config.abits is not None or config.verify:
         check_onnxruntime_loads(source, config.abits)
-    ctx = CompileContext(config, source=source.where, input_model=source.path or source.proto, scratch=scratch)
+    ctx = CompileContext(
+        config, source=source.where, input_model=source.path or source.proto, scratch=scratch, release=source.release
+    )
     graph = model_to_graph(source)
     ctx.reserve_names(graph)
     manager = build_pass_manager()

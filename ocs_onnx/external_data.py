@@ -181,12 +181,35 @@ class MappedData:
     bytes: int = 0
     _maps: list[mmap.mmap] = field(default_factory=list)
 
-    def release(self) -> None:
-        """Hands the pages read so far back to the kernel: they stay in the page cache and are
-        read again (without I/O, usually) when next used, but no longer count as this process's
-        memory."""
-        for mapped in self._maps:
-            mapped.madvise(mmap.MADV_DONTNEED)
+    _bases: list[int] = field(default_factory=list)
+
+    def release(self, array: np.ndarray | None = None) -> None:
+        """Hands the pages read so far (of ``array`` only, when it is a view of a data file) back
+        to the kernel: they stay in the page cache and are read again, usually without I/O, when
+        next used, but no longer count as this process's memory."""
+        if array is None:
+            for mapped in self._maps:
+                mapped.madvise(mmap.MADV_DONTNEED)
+            return
+        if not isinstance(array, np.ndarray) or array.size == 0:
+            return
+        low, high = _byte_bounds(array)
+        for mapped, base in zip(self._maps, self._bases):
+            if base <= low and high <= base + len(mapped):
+                start = (low - base) // mmap.PAGESIZE * mmap.PAGESIZE
+                mapped.madvise(mmap.MADV_DONTNEED, start, high - base - start)
+                return
+
+
+def _byte_bounds(array: np.ndarray) -> tuple[int, int]:
+    """First and one-past-last address of an array's bytes (numpy's byte_bounds, which moved)."""
+    low = high = array.__array_interface__["data"][0]
+    for size, stride in zip(array.shape, array.strides):
+        if stride < 0:
+            low += (size - 1) * stride
+        else:
+            high += (size - 1) * stride
+    return low, high + array.itemsize
 
 
 def map_external_data(model: onnx.ModelProto, refs: list[ExternalRef], folder: Path) -> MappedData:
@@ -204,6 +227,7 @@ def map_external_data(model: onnx.ModelProto, refs: list[ExternalRef], folder: P
             mapped.files.append(ref.path)
             if maps[ref.path] is not None:
                 mapped._maps.append(maps[ref.path])
+                mapped._bases.append(np.frombuffer(maps[ref.path], np.uint8).__array_interface__["data"][0])
         mapped.bytes += ref.length
         shape = tuple(int(d) for d in tensor.dims)
         if id(tensor) in top_level and dtype is not None:
@@ -266,7 +290,7 @@ class DataLayout:
         for name, offset, length, values in self.entries:
             f.write(b"\0" * (offset - position))
             array = np.ascontiguousarray(values())
-            data = array.astype(array.dtype.newbyteorder("<"), copy=False)
+            data = array.astype(array.dtype.newbyteorder("<"), copy=False)  # raw data is little-endian
             if data.nbytes != length:
                 raise RuntimeError(f"tensor {name!r} has {data.nbytes} bytes, {length} were laid out")
             f.write(memoryview(data.reshape(-1)).cast("B"))

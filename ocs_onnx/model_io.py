@@ -69,8 +69,9 @@ class ModelSource:
         """The model's size: its protobuf and its external data."""
         return self.proto.ByteSize() + self.external.bytes
 
-    def release(self) -> None:
-        self.external.release()
+    def release(self, array: np.ndarray | None = None) -> None:
+        """See ``MappedData.release``."""
+        self.external.release(array)
 
 
 def load_model(source: str | os.PathLike | onnx.ModelProto) -> ModelSource:
@@ -260,7 +261,39 @@ def check_onnxruntime_loads(source: ModelSource, abits: int | None) -> None:
 
 def graph_to_model(graph: gs.Graph) -> onnx.ModelProto:
     """Exports the graph with a fixed producer and the lowest IR version its opsets allow,
-    so that the bytes depend only on the graph (determinism) and older runtimes load it."""
+    so that the bytes depend only on the graph (determinism) and older runtimes load it.
+
+    Weights held as arrays are copied once, into the model's tensors: onnx-graphsurgeon's
+    exporter would make each a TensorProto and copy all of them into the graph, two copies of
+    the model's weights at once.
+    """
+    held = {
+        name: t
+        for name, t in graph.tensors().items()
+        if isinstance(t, gs.Constant)
+        and (not isinstance(t._values, LazyValues) or isinstance(t._values, ComputedValues))
+        and _is_plain(t)
+        and constant_nbytes(t) >= EXTERNAL_MIN_BYTES
+    }
+
+    def empty(name: str, constant: gs.Constant) -> onnx.TensorProto:
+        return onnx.TensorProto(name=name, data_type=dtype_to_onnx(constant._values.dtype), dims=constant.shape)
+
+    with _stubbed(held, empty):
+        model = _export(graph)
+    for tensor in model.graph.initializer:
+        if tensor.name in held:
+            tensor.raw_data = little_endian(constant_array(held[tensor.name])).tobytes()
+    return model
+
+
+def little_endian(array: np.ndarray) -> np.ndarray:
+    """The array as ONNX stores raw data: C order, little-endian."""
+    array = np.ascontiguousarray(array)
+    return array.astype(array.dtype.newbyteorder("<"), copy=False)
+
+
+def _export(graph: gs.Graph) -> onnx.ModelProto:
     model = gs.export_onnx(graph, do_type_check=True)
     model.producer_name = PRODUCER_NAME
     model.producer_version = __version__
@@ -281,6 +314,40 @@ def model_to_graph(model: ModelSource | onnx.ModelProto) -> gs.Graph:
                 tensor.values = arrays[name]
                 tensor.data_location = None
     return graph
+
+
+class ComputedValues(LazyValues):
+    """Values computed from others each time they are read, e.g. a weight after channel splits
+    computed from the original weight: never stored, so that a large model does not hold a
+    second copy of its weights between passes."""
+
+    def __init__(self, compute: Callable[[], np.ndarray], shape, dtype):
+        self.compute = compute
+        self.shape = tuple(int(d) for d in shape)
+        self.dtype = np.dtype(dtype)
+        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def load(self) -> np.ndarray:
+        values = self.compute()
+        if values.shape != self.shape or values.dtype != self.dtype:
+            raise RuntimeError(f"computed values of shape {values.shape}, {values.dtype}; expected {self.shape}, {self.dtype}")
+        return values
+
+    @property
+    def tensor(self) -> onnx.TensorProto:  # what onnx-graphsurgeon's exporter reads from lazy values
+        return numpy_helper.from_array(np.ascontiguousarray(self.load()))
+
+
+class ComputedConstant(gs.Constant):
+    """A constant whose ``values`` (when ComputedValues) are computed on every read, not kept."""
+
+    @property
+    def values(self) -> np.ndarray:
+        return self._values.load() if isinstance(self._values, LazyValues) else self._values
+
+    @values.setter
+    def values(self, values) -> None:
+        self._values = values
 
 
 def constant_nbytes(constant: gs.Constant) -> int:
@@ -416,7 +483,9 @@ def model_files(graph: gs.Graph, path: Path, external_data: bool = False) -> tup
     """
     path = Path(path)
     if not external_data and graph_bytes(graph) < PROTOBUF_LIMIT - PROTOBUF_MARGIN:
-        data = graph_to_model(graph).SerializeToString(deterministic=True)
+        model = graph_to_model(graph)
+        data = model.SerializeToString(deterministic=True)
+        del model  # the bytes are what gets written: do not hold the weights twice
         return {path: data}, len(data)
     layout = DataLayout(data_file_name(path))
     large = {
@@ -476,12 +545,13 @@ def save_graph_atomic(graph: gs.Graph, path: Path, external_data: bool = False) 
 
 
 @contextlib.contextmanager
-def session_model(graph: gs.Graph, folder: Path | None = None, inline_limit: int = 1 << 30) -> Iterator[bytes | str]:
+def session_model(graph: gs.Graph, folder: Path | None = None, inline_limit: int = 256 << 20) -> Iterator[bytes | str]:
     """What an onnxruntime session loads the graph from: its bytes, or (a model whose weights
     reach ``inline_limit``) the path of a copy written with external data in a temporary folder
     inside ``folder`` (the system's by default), which onnxruntime maps instead of copying."""
     if graph_bytes(graph) < inline_limit:
-        yield graph_to_model(graph).SerializeToString()
+        model = graph_to_model(graph).SerializeToString()
+        yield model
         return
     with tempfile.TemporaryDirectory(dir=folder, prefix=".ocs-onnx-") as tmp:
         path = Path(tmp) / "model.onnx"

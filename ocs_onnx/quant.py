@@ -85,16 +85,31 @@ def quantize_symmetric(w: np.ndarray, scale: np.ndarray, bits: int, axis: int | 
     rounding is the one the formulas promise, not float32's.
     """
     qmax = symmetric_qmax(bits)
-    w64 = np.asarray(w, dtype=np.float64)
-    s = expand_to(np.asarray(scale, dtype=np.float64), w64.ndim, axis)
-    return np.clip(np.floor(w64 / s + 0.5), -qmax, qmax).astype(np.int64)
+    levels = np.array(w, dtype=np.float64)  # a copy, worked on in place (weights can be large)
+    s = expand_to(np.asarray(scale, dtype=np.float64), levels.ndim, axis)
+    levels = _broadcast_copy(levels, s.shape)
+    np.divide(levels, s, out=levels)
+    levels += 0.5
+    np.floor(levels, out=levels)
+    np.clip(levels, -qmax, qmax, out=levels)
+    return levels.astype(np.int64)
+
+
+def _broadcast_copy(values: np.ndarray, *shapes) -> np.ndarray:
+    """``values`` with the shape it broadcasts to against ``shapes`` (for in-place arithmetic)."""
+    shape = np.broadcast_shapes(values.shape, *shapes)
+    return values if shape == values.shape else np.array(np.broadcast_to(values, shape))
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray, axis: int | None = None, zero_point=0) -> np.ndarray:
-    q = np.asarray(q, dtype=np.float64)
-    s = expand_to(np.asarray(scale, dtype=np.float64), q.ndim, axis)
-    zp = expand_to(np.asarray(zero_point, dtype=np.float64), q.ndim, axis)
-    return (q - zp) * s
+    values = np.array(q, dtype=np.float64)  # a copy, worked on in place
+    s = expand_to(np.asarray(scale, dtype=np.float64), values.ndim, axis)
+    zp = expand_to(np.asarray(zero_point, dtype=np.float64), values.ndim, axis)
+    values = _broadcast_copy(values, s.shape, zp.shape)
+    if np.any(zp):
+        values -= zp
+    values *= s
+    return values
 
 
 def fake_quantize_symmetric(w: np.ndarray, scale: np.ndarray, bits: int, axis: int | None = None) -> np.ndarray:
@@ -333,6 +348,13 @@ def merge_split_channels(w_split: np.ndarray, in_axis: int, origins: list[int], 
     """Sums split pieces back onto their original channels (the weight the layer effectively uses)."""
     in_axis %= w_split.ndim
     moved = np.moveaxis(np.asarray(w_split, dtype=np.float64), in_axis, 0)
-    merged = np.zeros((channels,) + moved.shape[1:], dtype=np.float64)
-    np.add.at(merged, np.asarray(origins, dtype=np.int64), moved)
+    if list(origins[:channels]) != list(range(channels)):
+        merged = np.zeros((channels,) + moved.shape[1:], dtype=np.float64)
+        np.add.at(merged, np.asarray(origins, dtype=np.int64), moved)
+        return np.moveaxis(merged, 0, in_axis)
+    # The usual layout (channel_origins): the channels in order, then the appended pieces. The
+    # same sums in the same order as np.add.at, which is slow on large weights.
+    merged = moved[:channels].copy()
+    for index in range(channels, len(origins)):
+        merged[origins[index]] += moved[index]
     return np.moveaxis(merged, 0, in_axis)

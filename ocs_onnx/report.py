@@ -25,7 +25,9 @@ def combined_sqnr_db(plans: list[LayerPlan], attribute: str) -> float | None:
     """SQNR of all quantized weights taken together: total signal energy over total noise."""
     signal = noise = 0.0
     for plan in plans:
-        energy = float(np.sum(np.square(plan.original_weight, dtype=np.float64)))
+        energy = plan.weight_energy
+        if energy is None:
+            energy = float(np.sum(np.square(plan.original_weight, dtype=np.float64)))
         value = getattr(plan, attribute)
         signal += energy
         noise += 0.0 if value is None else energy / 10 ** (value / 10)
@@ -85,7 +87,7 @@ def build_report(ctx: CompileContext, model_in, output: tuple[int, int]) -> dict
     the output's (parameter count, bytes)."""
     layers = [layer_entry(plan, ctx) for plan in ctx.layers]
     weights_before = int(sum(p.model_weight_size for p in ctx.layers))
-    weights_after = int(sum((p.weight.values.size if p.splits else p.original_weight.size) for p in ctx.layers))
+    weights_after = int(sum(np.prod(p.weight.shape if p.splits else p.original_weight.shape) for p in ctx.layers))
     params_before = int(sum(np.prod(t.dims, dtype=np.int64) for t in model_in.proto.graph.initializer))
     params_after, bytes_after = output
     activations = {name: activation_entry(name, qp, ctx) for name, qp in ctx.activation_qparams.items()}

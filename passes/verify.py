@@ -61,11 +61,15 @@ def optimized_op_counts(model: bytes | str) -> tuple[ort.InferenceSession, Count
     return session, Counter(node.op_type for node in optimized.graph.node)
 
 
+# A compiled model with more weight bytes than this is verified from a copy written with
+# external data, which onnxruntime maps rather than copies.
+INLINE_SESSION_BYTES = 64 << 20
+
+
 def run(graph: gs.Graph, ctx: CompileContext) -> None:
     if not ctx.config.verify:
         return
-    # a large model is written with external data to a temporary folder, for onnxruntime to map
-    with session_model(graph, ctx.scratch) as model:
+    with session_model(graph, ctx.scratch, INLINE_SESSION_BYTES) as model:
         _verify(graph, ctx, model)
 
 
@@ -105,6 +109,7 @@ def _verify(graph: gs.Graph, ctx: CompileContext, model: bytes | str) -> None:
             )
         raise VerificationError(f"onnxruntime cannot run the compiled model: {onnxruntime_message(exc)}")
     names = [o.name for o in session.get_outputs()]
+    del session  # before the second session: a large model's sessions each hold its weights
     if not all(np.isfinite(o).all() for o in outputs if np.asarray(o).dtype.kind == "f"):
         ctx.warn("the compiled model produced NaN or Inf on the verification batch")
     if reference is not None:
