@@ -26,7 +26,7 @@ from typing import BinaryIO
 import numpy as np
 import onnx
 from onnx import TensorProto
-from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_tensor, set_external_data, uses_external_data
+from onnx.external_data_helper import ExternalDataInfo, set_external_data, uses_external_data
 
 from .errors import InvalidModelError, first_line
 
@@ -212,10 +212,13 @@ def _byte_bounds(array: np.ndarray) -> tuple[int, int]:
     return low, high + array.itemsize
 
 
-def map_external_data(model: onnx.ModelProto, refs: list[ExternalRef], folder: Path) -> MappedData:
+def map_external_data(model: onnx.ModelProto, refs: list[ExternalRef]) -> MappedData:
     """Maps the initializers of ``refs`` (checked by ``check_external_tensors``); tensors of
     other kinds (attributes, subgraphs, sparse, types numpy cannot view) are read into the
-    model instead. Initializers keep their external data fields; their values are the arrays."""
+    model instead. Initializers keep their external data fields; their values are the arrays.
+
+    The files are read here, not by onnx's loader, which refuses every symlink, also one that
+    stays in the model's folder."""
     mapped = MappedData()
     top_level = {id(t) for t in model.graph.initializer}
     maps: dict[Path, mmap.mmap | None] = {}
@@ -237,10 +240,10 @@ def map_external_data(model: onnx.ModelProto, refs: list[ExternalRef], folder: P
                 view = np.frombuffer(maps[ref.path], dtype=np.dtype(dtype).newbyteorder("<"), count=int(np.prod(shape)), offset=ref.offset)
                 mapped.arrays[tensor.name] = view.reshape(shape)
         else:
-            try:
-                load_external_data_for_tensor(tensor, str(folder))
-            except Exception as exc:  # onnx's own checks, on a location that passed ours
-                raise InvalidModelError(f"{tensor.name!r}: cannot read its external data ({first_line(exc)})")
+            data = maps[ref.path]
+            tensor.raw_data = bytes(data[ref.offset : ref.offset + ref.length]) if data is not None else b""
+            tensor.data_location = TensorProto.DEFAULT
+            del tensor.external_data[:]
     return mapped
 
 

@@ -102,18 +102,34 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> ModelSource:
     if bad_text is not None:
         raise InvalidModelError(f"{where}: {bad_text}")
     refs = check_external_tensors(model, path.parent, where) if path is not None else []
+    external = map_external_data(model, refs) if refs else MappedData()
     try:
-        # With external data, the checker looks for the data files beside the model: give it the path.
-        onnx.checker.check_model(str(path) if refs else model)
+        onnx.checker.check_model(_without(model, external.arrays) if external.arrays else model)
     except onnx.checker.ValidationError as exc:
         raise InvalidModelError(f"{where}: fails onnx.checker: {first_line(exc)}")
     except ValueError as exc:  # a model file beyond 2 GiB without external data
         raise InvalidModelError(f"{where}: cannot be checked: {first_line(exc)}")
     _check_opsets(model, where)
-    external = map_external_data(model, refs, path.parent) if refs else MappedData()
     _check_tensor_data(model, where)
     _check_inputs(model, where)
     return ModelSource(model, where, path, external)
+
+
+def _without(model: onnx.ModelProto, mapped: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of the model for the checker, with the mapped initializers as graph inputs of their
+    type and shape. The checker would look for their data files relative to the working folder
+    (or refuse a symlink inside the model's folder); check_external_tensors has checked them."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # small: the mapped initializers hold no data
+    initializers = copy.graph.initializer
+    inputs = {value.name for value in copy.graph.input}
+    for index in reversed(range(len(initializers))):
+        tensor = initializers[index]
+        if tensor.name in mapped:
+            if tensor.name not in inputs:
+                copy.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
+            del initializers[index]
+    return copy
 
 
 def _undecodable_text(message: Message) -> str | None:
@@ -407,10 +423,12 @@ def _stubbed(constants: dict[str, gs.Constant], make_tensor: Callable[[str, gs.C
 SKELETON_MIN_BYTES = 1 << 20
 
 
-def graph_skeleton(graph: gs.Graph, min_bytes: int = SKELETON_MIN_BYTES) -> tuple[onnx.ModelProto, dict]:
+def graph_skeleton(graph: gs.Graph, min_bytes: int | None = None) -> tuple[onnx.ModelProto, dict]:
     """The graph as a model in which every constant of ``min_bytes`` or more is a graph input of
     its type and shape instead of an initializer: what the checker, shape inference and
-    calibration need, without a copy of the weights. Returns it and {name: left-out Constant}."""
+    calibration need, without a copy of the weights. Returns it and {name: left-out Constant}.
+    ``min_bytes`` defaults to SKELETON_MIN_BYTES."""
+    min_bytes = SKELETON_MIN_BYTES if min_bytes is None else min_bytes
     large = {
         name: t
         for name, t in graph.tensors().items()
