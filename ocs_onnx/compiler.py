@@ -53,9 +53,11 @@ def _config_from(config: CompileConfig | None, options: dict) -> CompileConfig:
     return replace(config, **options) if options else config
 
 
-def _compile(
+def compile_graph(
     source: ModelSource, config: CompileConfig, dump_prefix: str | os.PathLike, scratch: Path | None
 ) -> tuple[gs.Graph, CompileContext]:
+    """Runs the passes on a loaded model: the compiled graph (weights still arrays, for a writer
+    to stream) and the context the report is built from. Temporary files go to ``scratch``."""
     if config.abits is not None or config.verify:
         check_onnxruntime_loads(source, config.abits)
     ctx = CompileContext(
@@ -98,7 +100,7 @@ def compile(
     """
     config = _config_from(config, options)
     source = load_model(model)
-    graph, ctx = _compile(source, config, dump_prefix, scratch=None)
+    graph, ctx = compile_graph(source, config, dump_prefix, scratch=None)
     output = graph_to_model(graph)
     return output, build_report(ctx, source, (parameter_count(graph), output.ByteSize()))
 
@@ -143,7 +145,7 @@ def compile_file(
     source = load_model(input_path)
     # the data files are known once the model is read
     check_output_paths(source.input_files, output_path, report_path, external_data=True)
-    graph, ctx = _compile(source, config, output_path.with_suffix(""), scratch=output_path.parent)
+    graph, ctx = compile_graph(source, config, output_path.with_suffix(""), scratch=output_path.parent)
     files, size = model_files(graph, output_path, config.external_data)
     report = build_report(ctx, source, (parameter_count(graph), size))
     report["output"] = str(output_path)

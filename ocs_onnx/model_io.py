@@ -283,6 +283,16 @@ def graph_to_model(graph: gs.Graph) -> onnx.ModelProto:
     exporter would make each a TensorProto and copy all of them into the graph, two copies of
     the model's weights at once.
     """
+    model, held = _export_without_arrays(graph)
+    for tensor in model.graph.initializer:
+        if tensor.name in held:
+            tensor.raw_data = little_endian(constant_array(held[tensor.name])).tobytes()
+    return model
+
+
+def _export_without_arrays(graph: gs.Graph) -> tuple[onnx.ModelProto, dict[str, gs.Constant]]:
+    """The exported model with the tensors of array-held weights (1 KiB or more) left without
+    their data, and those constants by name."""
     held = {
         name: t
         for name, t in graph.tensors().items()
@@ -296,11 +306,7 @@ def graph_to_model(graph: gs.Graph) -> onnx.ModelProto:
         return onnx.TensorProto(name=name, data_type=dtype_to_onnx(constant._values.dtype), dims=constant.shape)
 
     with _stubbed(held, empty):
-        model = _export(graph)
-    for tensor in model.graph.initializer:
-        if tensor.name in held:
-            tensor.raw_data = little_endian(constant_array(held[tensor.name])).tobytes()
-    return model
+        return _export(graph), held
 
 
 def little_endian(array: np.ndarray) -> np.ndarray:
@@ -501,10 +507,8 @@ def model_files(graph: gs.Graph, path: Path, external_data: bool = False) -> tup
     """
     path = Path(path)
     if not external_data and graph_bytes(graph) < PROTOBUF_LIMIT - PROTOBUF_MARGIN:
-        model = graph_to_model(graph)
-        data = model.SerializeToString(deterministic=True)
-        del model  # the bytes are what gets written: do not hold the weights twice
-        return {path: data}, len(data)
+        write, size = serialized_model(graph)
+        return {path: write}, size
     layout = DataLayout(data_file_name(path))
     large = {
         name: t
@@ -519,6 +523,74 @@ def model_files(graph: gs.Graph, path: Path, external_data: bool = False) -> tup
     with _stubbed(large, stub):
         data = graph_to_model(graph).SerializeToString(deterministic=True)
     return {path: data, path.with_name(layout.location): layout.write}, len(data) + layout.size
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _key(number: int) -> bytes:
+    """The key of a length-delimited protobuf field (wire type 2)."""
+    return _varint(number << 3 | 2)
+
+
+def _fields(message: Message, keep: Callable[[int], bool]) -> bytes:
+    """The message serialized with only the fields whose numbers ``keep`` accepts."""
+    part = type(message)()
+    part.CopyFrom(message)
+    for descriptor, _ in message.ListFields():
+        if not keep(descriptor.number):
+            part.ClearField(descriptor.name)
+    return part.SerializeToString(deterministic=True)
+
+
+# Field numbers in onnx.proto: ModelProto.graph, GraphProto.initializer, TensorProto.raw_data.
+_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9
+
+
+def serialized_model(graph: gs.Graph) -> tuple[Callable[[BinaryIO], None], int]:
+    """A function writing the model's protobuf serialization to a file, and its size: the bytes
+    of ``graph_to_model(graph).SerializeToString(deterministic=True)``, written tensor by tensor.
+
+    protobuf serializes a message whole, into a buffer that grows as it goes and is then copied:
+    with the model itself, that held the weights about four times over. Here the parts around
+    the weights are serialized by protobuf (fields in field-number order, as its deterministic
+    serialization writes them) and each weight's bytes go straight from its array to the file.
+    """
+    model, held = _export_without_arrays(graph)
+    graph_proto = model.graph
+    entries: list[tuple[bytes, gs.Constant | None, int]] = []  # (bytes before the data, constant, data bytes)
+    for tensor in graph_proto.initializer:
+        head = tensor.SerializeToString(deterministic=True)
+        constant = held.get(tensor.name)
+        if constant is None:
+            entries.append((_key(_GRAPH_INITIALIZER) + _varint(len(head)) + head, None, 0))
+            continue
+        length = constant_nbytes(constant)
+        raw_key = _key(_TENSOR_RAW_DATA) + _varint(length)  # raw_data follows every field the tensor has
+        body = len(head) + len(raw_key) + length
+        entries.append((_key(_GRAPH_INITIALIZER) + _varint(body) + head + raw_key, constant, length))
+    graph_head = _fields(graph_proto, lambda number: number < _GRAPH_INITIALIZER)
+    graph_tail = _fields(graph_proto, lambda number: number > _GRAPH_INITIALIZER)
+    graph_size = len(graph_head) + sum(len(prefix) + length for prefix, _, length in entries) + len(graph_tail)
+    model_head = _fields(model, lambda number: number < _MODEL_GRAPH)
+    model_tail = _fields(model, lambda number: number > _MODEL_GRAPH)
+    graph_key = _key(_MODEL_GRAPH) + _varint(graph_size)
+
+    def write(f: BinaryIO) -> None:
+        f.write(model_head + graph_key + graph_head)
+        for prefix, constant, _ in entries:
+            f.write(prefix)
+            if constant is not None:
+                f.write(memoryview(little_endian(constant_array(constant)).reshape(-1)).cast("B"))
+        f.write(graph_tail + model_tail)
+
+    return write, len(model_head) + len(graph_key) + graph_size + len(model_tail)
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:

@@ -6,6 +6,7 @@ all; and a location that could read outside the model's folder is refused before
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import subprocess
@@ -23,6 +24,7 @@ import passes.verify
 from models import builders
 from ocs_onnx import errors, model_io
 from ocs_onnx.cli import main
+from ocs_onnx.compiler import compile_graph
 from tools.scale import transformer_stack
 
 
@@ -133,6 +135,19 @@ def test_large_weights_left_out_of_the_graph_copies_change_nothing(monkeypatch):
     assert len(model_io.graph_skeleton(model_io.model_to_graph(model))[1]) >= 6
     actual, _ = ocs_onnx.compile(model, wbits=5, calib_samples=8)
     assert actual.SerializeToString(deterministic=True) == expected.SerializeToString(deterministic=True)
+
+
+def test_the_one_file_output_written_tensor_by_tensor_is_protobufs_own_serialization(test_model):
+    # The file is streamed (protobuf would hold the weights several times over while
+    # serializing); its bytes are exactly what protobuf's deterministic serialization gives.
+    _, model = test_model
+    source = model_io.load_model(model)
+    graph, _ = compile_graph(source, ocs_onnx.CompileConfig(wbits=5, calib_samples=4, verify=False), "unused", None)
+    write, size = model_io.serialized_model(graph)
+    stream = io.BytesIO()
+    write(stream)
+    expected = model_io.graph_to_model(graph).SerializeToString(deterministic=True)
+    assert stream.getvalue() == expected and size == len(expected)
 
 
 def test_a_model_proto_whose_external_data_is_not_loaded_is_refused(tmp_path):
