@@ -23,8 +23,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .errors import CalibrationDataError, first_line
+from .errors import CalibrationDataError, InvalidModelError
 from .histogram import ChannelHistograms, SymmetricHistogram
+from .model_io import onnxruntime_message
 
 # Symbolic (dynamic) dimensions other than the batch axis get this size in synthetic inputs.
 SYNTHETIC_DYNAMIC_DIM = 32
@@ -357,6 +358,28 @@ def _rows(feed: dict[str, np.ndarray]) -> int:
     return next(iter(feed.values())).shape[0] if feed else 0
 
 
+def _run_failure(
+    session, outputs, specs, constants, synthetic_feed, rows: int, index: int, exc: Exception
+) -> Exception:
+    """The error for a batch the model could not run on: the model's fault or the data's."""
+    message = onnxruntime_message(exc)
+    if synthetic_feed is None:
+        return InvalidModelError(
+            f"onnxruntime cannot run the model on synthetic inputs (a batch of {rows} of the declared input types "
+            f"and shapes, other dynamic dimensions {SYNTHETIC_DYNAMIC_DIM}): {message}; if it needs particular input "
+            "sizes or values, pass inputs it runs on with --calib-data"
+        )
+    try:
+        session.run(outputs, {**prepare_feed(synthetic_feed(rows), specs, "synthetic batch"), **constants})
+    except Exception:
+        return InvalidModelError(
+            f"onnxruntime cannot run the model, on calibration batch {index} nor on synthetic inputs: {message}"
+        )
+    return CalibrationDataError(
+        f"onnxruntime cannot run the model on calibration batch {index}, though it runs on synthetic inputs: {message}"
+    )
+
+
 def observe_ranges(
     model: onnx.ModelProto,
     tensor_names: list[str],
@@ -364,11 +387,20 @@ def observe_ranges(
     specs: list[InputSpec],
     on_batch: Callable[[int], None] | None = None,
     channel_layouts: dict[str, tuple[int, int]] | None = None,
+    synthetic_feed: Callable[[int], dict[str, np.ndarray]] | None = None,
+    constants: dict[str, np.ndarray] | None = None,
 ) -> CalibrationResult:
     """Runs ``model`` on every batch: the range of every tensor, the sample count, and the first
     batch with the model's outputs on it (the reference the quantized model is checked against).
     Tensors in ``channel_layouts`` ({name: (channel axis, channels)}) also get per-channel
-    histograms."""
+    histograms.
+
+    A batch the model cannot run on is the data's fault (CalibrationDataError) only if the model
+    runs on synthetic inputs of the same size, ``synthetic_feed(rows)``; otherwise, and always
+    when ``synthetic_feed`` is None (the batches are synthetic themselves), the model cannot
+    run (InvalidModelError).
+
+    ``constants`` are model inputs that hold weights ({name: values}), fed to every run."""
     input_names = {s.name for s in specs}
     outputs = [o.name for o in model.graph.output]
     graph_outputs = set(outputs)
@@ -380,6 +412,7 @@ def observe_ranges(
     options.log_severity_level = 4  # errors are raised, not printed
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    constants = constants or {}
     layouts = channel_layouts or {}
     observers = {name: RangeObserver(layouts.get(name)) for name in tensor_names}
     samples = 0
@@ -397,11 +430,9 @@ def observe_ranges(
             size = 1 if chunk is None else (chunk or rows)
             part = feed if start == 0 and size >= rows else {k: v[start : start + size] for k, v in feed.items()}
             try:
-                values = session.run(fetched + outputs, part)
+                values = session.run(fetched + outputs, {**part, **constants})
             except Exception as exc:
-                raise CalibrationDataError(
-                    f"onnxruntime could not run the model on calibration batch {index}: {first_line(exc)}"
-                )
+                raise _run_failure(session, outputs, specs, constants, synthetic_feed, _rows(part), index, exc)
             for name, value in zip(fetched, values):
                 observers[name].update(value)
             for name in tensor_names:

@@ -178,6 +178,12 @@ def _list_passes() -> None:
     help="8-bit weights on a +-63 grid so uint8 x int8 kernels cannot overflow on CPUs without VNNI [default: on for W8A8].",
 )
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime check of the output.")
+@click.option(
+    "--external-data",
+    is_flag=True,
+    help="Write the weights to OUTPUT.data beside the output (ONNX external data); "
+    "always done for a model beyond protobuf's 2 GiB limit.",
+)
 @click.option("--list-passes", is_flag=True, help="Show the pass pipeline and exit.")
 @click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
 @click.option("-v", "--verbose", count=True, help="Print per-pass progress.")
@@ -205,6 +211,7 @@ def compile_command(
     dump_after,
     reduce_range,
     no_verify,
+    external_data,
     list_passes,
     quiet,
     verbose,
@@ -237,6 +244,7 @@ def compile_command(
         seed=seed,
         reduce_range=reduce_range,
         verify=not no_verify,
+        external_data=external_data,
         dump_after=tuple(dump_after),
     )
     from .compiler import compile_file
@@ -244,7 +252,8 @@ def compile_command(
 
     output_path, report = compile_file(model, output, config, report_path=report_path)
     log.info("%s", summary_text(report))
-    log.info("wrote %s%s", output_path, f" and {report_path}" if report_path else "")
+    written = [str(output_path)] + ([report["output_data"]] if report["output_data"] else [])
+    log.info("wrote %s%s", " and ".join(written), f" and {report_path}" if report_path else "")
 
 
 def main(argv=None) -> int:

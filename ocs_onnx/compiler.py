@@ -17,12 +17,15 @@ from .config import CompileConfig
 from .context import CompileContext
 from .errors import UsageError
 from .model_io import (
+    ModelSource,
     check_onnxruntime_loads,
     default_output_path,
     graph_to_model,
     load_model,
+    model_files,
     model_to_graph,
-    save_model_atomic,
+    parameter_count,
+    save_graph_atomic,
     write_files_atomic,
 )
 from .pass_manager import PassManager
@@ -50,6 +53,38 @@ def _config_from(config: CompileConfig | None, options: dict) -> CompileConfig:
     return replace(config, **options) if options else config
 
 
+def compile_graph(
+    source: ModelSource, config: CompileConfig, dump_prefix: str | os.PathLike, scratch: Path | None
+) -> tuple[gs.Graph, CompileContext]:
+    """Runs the passes on a loaded model: the compiled graph (weights still arrays, for a writer
+    to stream) and the context the report is built from. Temporary files go to ``scratch``."""
+    if config.abits is not None or config.verify:
+        check_onnxruntime_loads(source, config.abits)
+    ctx = CompileContext(
+        config, source=source.where, input_model=source.path or source.proto, scratch=scratch, release=source.release
+    )
+    graph = model_to_graph(source)
+    ctx.reserve_names(graph)
+    manager = build_pass_manager()
+
+    def dump(name: str, g: gs.Graph) -> None:
+        save_graph_atomic(g, Path(f"{dump_prefix}.after-{name}.onnx"), config.external_data)
+
+    # Non-finite weights and activations are handled where they matter (such layers stay float,
+    # calibration ranges cover finite values); numpy's multi-line warnings about them are noise.
+    with np.errstate(all="ignore"):
+        graph = manager.run(
+            graph,
+            ctx,
+            stop_after=config.stop_after,
+            dump_after=config.dump_after,
+            dump=dump,
+            # pages of mapped weights that a pass read count as this process's memory until handed back
+            after_each=source.release,
+        )
+    return graph, ctx
+
+
 def compile(
     model: str | os.PathLike | onnx.ModelProto,
     config: CompileConfig | None = None,
@@ -64,37 +99,28 @@ def compile(
     written to ``<dump_prefix>.after-<pass>.onnx``.
     """
     config = _config_from(config, options)
-    proto = load_model(model)
-    source = "<in-memory model>" if isinstance(model, onnx.ModelProto) else str(model)
-    if config.abits is not None or config.verify:
-        check_onnxruntime_loads(proto, source, config.abits)
-    ctx = CompileContext(config, source=source)
-    graph = model_to_graph(proto)
-    ctx.reserve_names(graph)
-    manager = build_pass_manager()
-
-    def dump(name: str, g: gs.Graph) -> None:
-        save_model_atomic(graph_to_model(g), Path(f"{dump_prefix}.after-{name}.onnx"))
-
-    # Non-finite weights and activations are handled where they matter (such layers stay float,
-    # calibration ranges cover finite values); numpy's multi-line warnings about them are noise.
-    with np.errstate(all="ignore"):
-        graph = manager.run(graph, ctx, stop_after=config.stop_after, dump_after=config.dump_after, dump=dump)
+    source = load_model(model)
+    graph, ctx = compile_graph(source, config, dump_prefix, scratch=None)
     output = graph_to_model(graph)
-    return output, build_report(ctx, proto, output)
+    return output, build_report(ctx, source, (parameter_count(graph), output.ByteSize()))
 
 
-def check_output_paths(model: Path, output: Path, report: Path | None) -> None:
-    """Fails before any work when an output could not be written or would replace the input."""
-    for path, flag in ((output, "-o"), (report, "--report")):
+def check_output_paths(inputs: list[Path], output: Path, report: Path | None, external_data: bool) -> None:
+    """Fails before any work when an output could not be written or would replace the input
+    model or one of its data files."""
+    data = output.with_name(output.name + ".data")
+    outputs = [(output, "-o"), (report, "--report")] + ([(data, "-o (its data file)")] if external_data else [])
+    for path, flag in outputs:
         if path is None:
             continue
         if not path.parent.is_dir():
             raise UsageError(f"{flag} {path}: folder {path.parent} does not exist")
         if path.is_dir():
             raise UsageError(f"{flag} {path}: is a folder")
-        if model.exists() and path.exists() and os.path.samefile(model, path):
-            raise UsageError(f"{flag} {path}: is the input model; choose another path")
+        for index, existing in enumerate(inputs):
+            if existing.exists() and path.exists() and os.path.samefile(existing, path):
+                what = "the input model" if index == 0 else "a data file of the input model"
+                raise UsageError(f"{flag} {path}: is {what}; choose another path")
     if report is not None and report.resolve() == output.resolve():
         raise UsageError(f"--report {report}: is the output model path; choose another path")
 
@@ -107,16 +133,24 @@ def compile_file(
     **options,
 ) -> tuple[Path, dict]:
     """Compiles a model file; writes the output (default ``<stem>.q.onnx`` beside the input)
-    and the JSON report atomically. Refuses to overwrite the input. Graphs dumped with
-    ``dump_after`` land beside the output as ``<output stem>.after-<pass>.onnx``."""
+    and the JSON report atomically. Refuses to overwrite the input or its data files. Graphs
+    dumped with ``dump_after`` land beside the output as ``<output stem>.after-<pass>.onnx``.
+    With ``external_data`` (or for a model beyond protobuf's 2 GiB limit) the weights go to
+    ``<output>.data`` beside the output."""
+    config = _config_from(config, options)
     input_path = Path(input_path)
     output_path = Path(output_path) if output_path is not None else default_output_path(input_path)
-    check_output_paths(input_path, output_path, Path(report_path) if report_path is not None else None)
-    dump_prefix = output_path.with_suffix("")
-    model, report = compile(input_path, config, dump_prefix=dump_prefix, **options)
+    report_path = Path(report_path) if report_path is not None else None
+    check_output_paths([input_path], output_path, report_path, external_data=True)
+    source = load_model(input_path)
+    # the data files are known once the model is read
+    check_output_paths(source.input_files, output_path, report_path, external_data=True)
+    graph, ctx = compile_graph(source, config, output_path.with_suffix(""), scratch=output_path.parent)
+    files, size = model_files(graph, output_path, config.external_data)
+    report = build_report(ctx, source, (parameter_count(graph), size))
     report["output"] = str(output_path)
-    files = {output_path: model.SerializeToString(deterministic=True)}
+    report["output_data"] = next((str(p) for p in files if p != output_path), None)
     if report_path is not None:
-        files[Path(report_path)] = report_json(report).encode()
-    write_files_atomic(files)  # the model and its report appear together or not at all
+        files[report_path] = report_json(report).encode()
+    write_files_atomic(files)  # the model, its data and its report appear together or not at all
     return output_path, report

@@ -50,6 +50,9 @@ class CompileConfig:
     reduce_range: bool | None = None
     # Verify the output in onnxruntime (load, count integer kernels, run one batch).
     verify: bool = True
+    # Write the output's weights to a data file beside it (ONNX external data). Without it,
+    # only a model that would reach protobuf's 2 GiB limit is written so.
+    external_data: bool = False
     # Stop the pipeline after this pass (for debugging and for equivalence tests).
     stop_after: str | None = None
     dump_after: tuple[str, ...] = field(default_factory=tuple)

@@ -41,6 +41,8 @@ class LayerPlan:
     max_abs: np.ndarray | None = None
     clip_threshold: np.ndarray | None = None
     scale: np.ndarray | None = None
+    # sum of the squared original weights (the report's combined SQNR weighs layers by it)
+    weight_energy: float | None = None
     sqnr_without_ocs_db: float | None = None
     sqnr_with_ocs_db: float | None = None
 
@@ -80,6 +82,14 @@ class ActivationSplit:
 class CompileContext:
     config: CompileConfig
     source: str = "<model>"
+    # The model as given (a path or a ModelProto), to tell a model that cannot run from a
+    # compiled model that cannot.
+    input_model: object = None
+    # A folder for temporary files (a large model's copy for onnxruntime); None: the system's.
+    scratch: object = None
+    # Hands the memory pages of a weight read from a mapped data file back to the kernel (see
+    # MappedData.release); passes that read every weight call it after each layer.
+    release: object = None
     layers: list[LayerPlan] = field(default_factory=list)
     # Nodes kept float and why: {node name: reason}.
     kept_float: dict[str, str] = field(default_factory=dict)
@@ -111,6 +121,11 @@ class CompileContext:
     pass_seconds: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     _used_names: set[str] = field(default_factory=set)
+
+    def done_with(self, array) -> None:
+        """The pass has read ``array`` (a weight) for now."""
+        if self.release is not None:
+            self.release(array)
 
     def warn(self, message: str) -> None:
         """A warning for the user: logged now and listed in the report."""

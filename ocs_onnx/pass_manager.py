@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 
 from .context import CompileContext, log
 from .errors import OcsError, UsageError, first_line
-from .model_io import graph_to_model
+from .model_io import graph_skeleton
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class InvalidGraphError(OcsError):
 
 
 def check_graph(graph: gs.Graph) -> None:
-    model = graph_to_model(graph)
+    model, _ = graph_skeleton(graph)  # the structure; large weights as typed inputs
     onnx.checker.check_model(model)
 
 
@@ -59,6 +59,7 @@ class PassManager:
         stop_after: str | None = None,
         dump_after: Sequence[str] = (),
         dump: Callable[[str, gs.Graph], None] | None = None,
+        after_each: Callable[[], None] | None = None,
     ) -> gs.Graph:
         if stop_after is not None:
             self.check_pass_name(stop_after, "--stop-after")
@@ -80,6 +81,8 @@ class PassManager:
                     )
             if dump is not None and p.name in dump_after:
                 dump(p.name, graph)
+            if after_each is not None:
+                after_each()
             if p.name == stop_after:
                 break
         return graph

@@ -85,16 +85,31 @@ def quantize_symmetric(w: np.ndarray, scale: np.ndarray, bits: int, axis: int | 
     rounding is the one the formulas promise, not float32's.
     """
     qmax = symmetric_qmax(bits)
-    w64 = np.asarray(w, dtype=np.float64)
-    s = expand_to(np.asarray(scale, dtype=np.float64), w64.ndim, axis)
-    return np.clip(np.floor(w64 / s + 0.5), -qmax, qmax).astype(np.int64)
+    levels = np.array(w, dtype=np.float64)  # a copy, worked on in place (weights can be large)
+    s = expand_to(np.asarray(scale, dtype=np.float64), levels.ndim, axis)
+    levels = _broadcast_copy(levels, s.shape)
+    np.divide(levels, s, out=levels)
+    levels += 0.5
+    np.floor(levels, out=levels)
+    np.clip(levels, -qmax, qmax, out=levels)
+    return levels.astype(np.int64)
+
+
+def _broadcast_copy(values: np.ndarray, *shapes) -> np.ndarray:
+    """``values`` with the shape it broadcasts to against ``shapes`` (for in-place arithmetic)."""
+    shape = np.broadcast_shapes(values.shape, *shapes)
+    return values if shape == values.shape else np.array(np.broadcast_to(values, shape))
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray, axis: int | None = None, zero_point=0) -> np.ndarray:
-    q = np.asarray(q, dtype=np.float64)
-    s = expand_to(np.asarray(scale, dtype=np.float64), q.ndim, axis)
-    zp = expand_to(np.asarray(zero_point, dtype=np.float64), q.ndim, axis)
-    return (q - zp) * s
+    values = np.array(q, dtype=np.float64)  # a copy, worked on in place
+    s = expand_to(np.asarray(scale, dtype=np.float64), values.ndim, axis)
+    zp = expand_to(np.asarray(zero_point, dtype=np.float64), values.ndim, axis)
+    values = _broadcast_copy(values, s.shape, zp.shape)
+    if np.any(zp):
+        values -= zp
+    values *= s
+    return values
 
 
 def fake_quantize_symmetric(w: np.ndarray, scale: np.ndarray, bits: int, axis: int | None = None) -> np.ndarray:
@@ -249,38 +264,97 @@ def apply_channel_splits(
     Without ``qa_scale`` the split is naive, ``(v/2, v/2)``. With it the split is
     quantization-aware, ``((v - s/2)/2, (v + s/2)/2)`` with ``s`` the final scale (a scalar, or
     one value per slice along ``out_axis`` for per-channel scales). Either way the pieces add up
-    to ``v``, so the layer computes the same function. Arithmetic is in float64; the result has
-    ``w``'s dtype.
+    to ``v``, so the layer computes the same function. The pieces are computed in float64 and
+    stored in ``w``'s dtype; quantization-aware pieces are stored so that the levels
+    ``quantize_symmetric`` gives them add up to the level of ``v`` exactly (see
+    ``split_on_levels``). Without splits, ``w`` itself.
     """
+    w = np.asarray(w)
+    if not splits:
+        return w
     in_axis %= w.ndim
-    moved = np.moveaxis(np.asarray(w, dtype=np.float64), in_axis, 0)
-    channels = list(moved)  # one (…)-shaped view per input channel
-    half_step = None
-    if qa_scale is not None:
-        scale = np.asarray(qa_scale, dtype=np.float64)
-        if scale.ndim == 0 or out_axis is None:
-            half_step = scale / 2.0
-        else:
-            # position of out_axis inside one channel slice (the slice has lost in_axis)
-            out_axis %= w.ndim
-            slice_axis = out_axis if out_axis < in_axis else out_axis - 1
-            half_step = expand_to(scale, w.ndim - 1, slice_axis) / 2.0
+    channels = list(np.moveaxis(w, in_axis, 0))  # views of w until split
+    if qa_scale is None:
+        for source in splits:
+            half = (np.asarray(channels[source], dtype=np.float64) / 2.0).astype(w.dtype)
+            channels[source] = half
+            channels.append(half)
+        return np.moveaxis(np.stack(channels, axis=0), 0, in_axis)
+    scale = np.asarray(qa_scale, dtype=np.float64)
+    if scale.ndim == 0 or out_axis is None:
+        step = scale
+    else:
+        # position of out_axis inside one channel slice (the slice has lost in_axis)
+        out_axis %= w.ndim
+        slice_axis = out_axis if out_axis < in_axis else out_axis - 1
+        step = expand_to(scale, w.ndim - 1, slice_axis)
     for source in splits:
-        value = channels[source]
-        if half_step is None:
-            kept, copy = value / 2.0, value / 2.0
-        else:
-            kept, copy = (value - half_step) / 2.0, (value + half_step) / 2.0
+        kept, copy = split_on_levels(channels[source], step)
         channels[source] = kept
         channels.append(copy)
-    stacked = np.stack(channels, axis=0) if channels else moved
-    return np.moveaxis(stacked, 0, in_axis).astype(w.dtype)
+    return np.moveaxis(np.stack(channels, axis=0), 0, in_axis)
+
+
+def quantization_levels(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """floor(x / s + 1/2) in float64, unclamped: the arithmetic of ``quantize_symmetric``."""
+    return np.floor(np.asarray(x, dtype=np.float64) / scale + 0.5)
+
+
+def split_on_levels(value: np.ndarray, step: np.ndarray, max_ulps: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """The quantization-aware pieces ``((v - s/2)/2, (v + s/2)/2)`` of ``value``, in its dtype,
+    with levels that add up to the level of ``value``.
+
+    In exact arithmetic they do (Hermite's identity). A value within rounding of a tie has its
+    pieces within rounding of level boundaries too, and rounding a piece to float32 (or the
+    float64 division itself) can carry it across, one level off. The piece nearer its boundary
+    then moves by the fewest ulps that put it back; a level spans the scale, many ulps wide. A
+    piece that cannot get there within ``max_ulps`` (a scale of a few subnormal ulps) stays as
+    rounded.
+    """
+    value = np.asarray(value)
+    dtype = value.dtype if np.issubdtype(value.dtype, np.floating) else np.dtype(np.float64)
+    v = value.astype(np.float64).reshape(-1)
+    s = np.broadcast_to(step, value.shape).reshape(-1)
+    kept = ((v - s / 2.0) / 2.0).astype(dtype)
+    copy = ((v + s / 2.0) / 2.0).astype(dtype)
+    off = quantization_levels(v, s) - quantization_levels(kept, s) - quantization_levels(copy, s)
+    wrong = np.nonzero(off)[0]
+    if wrong.size:
+        s_, k, c, o = s[wrong], kept[wrong], copy[wrong], off[wrong]
+
+        def distance(piece):  # to the boundary on the side the level must move to, in steps
+            y = piece.astype(np.float64) / s_ + 0.5
+            frac = y - np.floor(y)
+            return np.where(o < 0, frac, 1.0 - frac)
+
+        move_kept = distance(k) <= distance(c)
+        piece = np.where(move_kept, k, c)
+        want = quantization_levels(piece, s_) + o
+        moved = piece.copy()
+        for _ in range(max_ulps):
+            levels = quantization_levels(moved, s_)
+            pending = levels != want
+            if not pending.any():
+                break
+            toward = np.where(levels > want, -np.inf, np.inf).astype(dtype)
+            moved[pending] = np.nextafter(moved[pending], toward[pending])
+        piece = np.where(quantization_levels(moved, s_) == want, moved, piece)
+        kept[wrong] = np.where(move_kept, piece, k)
+        copy[wrong] = np.where(move_kept, c, piece)
+    return kept.reshape(value.shape), copy.reshape(value.shape)
 
 
 def merge_split_channels(w_split: np.ndarray, in_axis: int, origins: list[int], channels: int) -> np.ndarray:
     """Sums split pieces back onto their original channels (the weight the layer effectively uses)."""
     in_axis %= w_split.ndim
     moved = np.moveaxis(np.asarray(w_split, dtype=np.float64), in_axis, 0)
-    merged = np.zeros((channels,) + moved.shape[1:], dtype=np.float64)
-    np.add.at(merged, np.asarray(origins, dtype=np.int64), moved)
+    if list(origins[:channels]) != list(range(channels)):
+        merged = np.zeros((channels,) + moved.shape[1:], dtype=np.float64)
+        np.add.at(merged, np.asarray(origins, dtype=np.int64), moved)
+        return np.moveaxis(merged, 0, in_axis)
+    # The usual layout (channel_origins): the channels in order, then the appended pieces. The
+    # same sums in the same order as np.add.at, which is slow on large weights.
+    merged = moved[:channels].copy()
+    for index in range(channels, len(origins)):
+        merged[origins[index]] += moved[index]
     return np.moveaxis(merged, 0, in_axis)

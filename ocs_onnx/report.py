@@ -34,7 +34,9 @@ def combined_sqnr_db(plans: list[LayerPlan], attribute: str) -> float | None:
     """SQNR of all quantized weights taken together: total signal energy over total noise."""
     signal = noise = 0.0
     for plan in plans:
-        energy = float(np.sum(np.square(plan.original_weight, dtype=np.float64)))
+        energy = plan.weight_energy
+        if energy is None:
+            energy = float(np.sum(np.square(plan.original_weight, dtype=np.float64)))
         value = getattr(plan, attribute)
         signal += energy
         noise += 0.0 if value is None else energy / 10 ** (value / 10)
@@ -89,11 +91,14 @@ def activation_entry(name: str, qp, ctx: CompileContext) -> dict:
     }
 
 
-def build_report(ctx: CompileContext, model_in: onnx.ModelProto, model_out: onnx.ModelProto) -> dict:
+def build_report(ctx: CompileContext, model_in, output: tuple[int, int]) -> dict:
+    """The report of a compile; ``model_in`` is the loaded input (``ModelSource``), ``output``
+    the output's (parameter count, bytes)."""
     layers = [layer_entry(plan, ctx) for plan in ctx.layers]
     weights_before = int(sum(p.model_weight_size for p in ctx.layers))
-    weights_after = int(sum((p.weight.values.size if p.splits else p.original_weight.size) for p in ctx.layers))
-    params_before, params_after = _weight_count(model_in), _weight_count(model_out)
+    weights_after = int(sum(np.prod(p.weight.shape if p.splits else p.original_weight.shape) for p in ctx.layers))
+    params_before = _weight_count(model_in.proto)
+    params_after, bytes_after = output
     activations = {name: activation_entry(name, qp, ctx) for name, qp in ctx.activation_qparams.items()}
     return {
         "ocs_onnx_version": __version__,
@@ -120,8 +125,8 @@ def build_report(ctx: CompileContext, model_in: onnx.ModelProto, model_out: onnx
             },
             "parameters_before": params_before,
             "parameters_after": params_after,
-            "model_bytes_before": model_in.ByteSize(),
-            "model_bytes_after": model_out.ByteSize(),
+            "model_bytes_before": model_in.bytes,
+            "model_bytes_after": bytes_after,
         },
         "pass_seconds": {name: round(seconds, 4) for name, seconds in ctx.pass_seconds.items()},
         "warnings": ctx.warnings,

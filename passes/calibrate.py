@@ -17,7 +17,7 @@ from ocs_onnx.calibration import (
 )
 from ocs_onnx.context import CompileContext, log
 from ocs_onnx.errors import CalibrationDataError
-from ocs_onnx.model_io import graph_to_model
+from ocs_onnx.model_io import constant_array, graph_skeleton
 from ocs_onnx.pass_manager import Pass
 
 
@@ -61,17 +61,26 @@ def run(graph: gs.Graph, ctx: CompileContext) -> None:
     if config.abits is None:
         ctx.calibration = {"source": "none (weight-only quantization)", "samples": 0}
         return
-    model = graph_to_model(graph)
-    specs = model_input_specs(model)
+    # The model without its large weights: onnxruntime reads them from the arrays the graph
+    # holds (mapped from the input's data file, say) instead of from a copy.
+    model, left_out = graph_skeleton(graph)
+    constants = {name: constant_array(c) for name, c in left_out.items()}
+    specs = [s for s in model_input_specs(model) if s.name not in constants]
     batch = _batch_size(specs, config.calib_batch)
+    limits = integer_input_limits(graph)
+    synthetic_feed = None
     if config.calib_data is not None:
         data = open_calibration_data(config.calib_data, specs)
         total = min(config.calib_samples, data.samples)
         batches = data.batches(total, batch)
         source = str(config.calib_data)
+
+        def synthetic_feed(rows: int) -> dict:
+            return next(synthetic_batches(specs, rows, rows, config.seed, limits))
+
     else:
         total = config.calib_samples
-        batches = synthetic_batches(specs, total, batch, config.seed, integer_input_limits(graph))
+        batches = synthetic_batches(specs, total, batch, config.seed, limits)
         source = "synthetic"
         ctx.warn(
             "no --calib-data: activation ranges come from synthetic random inputs and may not match real data; "
@@ -82,7 +91,14 @@ def run(graph: gs.Graph, ctx: CompileContext) -> None:
         batches = (feed for feed in batches if next(iter(feed.values())).shape[0] == batch)
     names = sorted(set(ctx.activations.values()))
     result = observe_ranges(
-        model, names, batches, specs, on_batch=_progress(total), channel_layouts=ctx.activation_split_candidates
+        model,
+        names,
+        batches,
+        specs,
+        on_batch=_progress(total),
+        channel_layouts=ctx.activation_split_candidates,
+        synthetic_feed=synthetic_feed,
+        constants=constants,
     )
     if result.samples == 0:
         raise CalibrationDataError(f"no calibration samples could be used (the model needs batches of exactly {batch})")

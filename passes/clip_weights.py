@@ -37,9 +37,11 @@ def clip_thresholds(w: np.ndarray, axis: int | None, config: CompileConfig) -> n
 def run(graph: gs.Graph, ctx: CompileContext) -> None:
     for plan in ctx.layers:
         axis = scale_axis(plan, ctx.config.granularity)
-        plan.max_abs = max_abs(plan.weight.values, axis)
-        plan.clip_threshold = clip_thresholds(plan.weight.values, axis, ctx.config)
+        w = plan.weight.values  # computed from the original weight for a split layer: read once
+        plan.max_abs = max_abs(w, axis)
+        plan.clip_threshold = clip_thresholds(w, axis, ctx.config)
         plan.scale = symmetric_scale(plan.clip_threshold, ctx.config.weight_bits)
+        ctx.done_with(plan.original_weight)
 
 
 PASS = Pass("clip-weights", "clip thresholds (--wclip) and scales of the split weights, per tensor or per channel", run)

@@ -8,7 +8,7 @@ import onnx_graphsurgeon as gs
 
 from ocs_onnx.context import CompileContext
 from ocs_onnx.errors import UnsupportedModelError, first_line
-from ocs_onnx.model_io import graph_to_model, model_to_graph
+from ocs_onnx.model_io import graph_from_skeleton, graph_skeleton
 from ocs_onnx.pass_manager import Pass
 
 MIN_OPSET = 13
@@ -19,7 +19,7 @@ def run(graph: gs.Graph, ctx: CompileContext) -> gs.Graph | None:
     if graph.opset >= MIN_OPSET:
         ctx.normalization["opset_out"] = graph.opset
         return None
-    model = graph_to_model(graph)
+    model, left_out = graph_skeleton(graph)
     try:
         upgraded = onnx.version_converter.convert_version(model, MIN_OPSET)
         onnx.checker.check_model(upgraded)
@@ -32,7 +32,7 @@ def run(graph: gs.Graph, ctx: CompileContext) -> gs.Graph | None:
             f"(needed for per-channel DequantizeLinear): {reason}"
         )
     ctx.normalization["opset_out"] = MIN_OPSET
-    return model_to_graph(upgraded)
+    return graph_from_skeleton(upgraded, left_out)
 
 
 PASS = Pass("upgrade-opset", f"upgrade models below opset {MIN_OPSET} with onnx's version converter", run)

@@ -12,9 +12,9 @@ import onnx_graphsurgeon as gs
 
 from ocs_onnx.context import CompileContext
 from ocs_onnx.pass_manager import Pass
-from ocs_onnx.quant import apply_channel_splits
 
 from .clip_weights import scale_axis
+from .weight_ocs import split_values
 
 
 def run(graph: gs.Graph, ctx: CompileContext) -> None:
@@ -23,13 +23,7 @@ def run(graph: gs.Graph, ctx: CompileContext) -> None:
     for plan in ctx.layers:
         if not plan.splits:
             continue
-        plan.weight.values = apply_channel_splits(
-            plan.original_weight,
-            plan.weight_in_axis,
-            plan.splits,
-            qa_scale=plan.scale,
-            out_axis=scale_axis(plan, ctx.config.granularity),
-        )
+        plan.weight.values = split_values(plan, qa_scale=plan.scale, out_axis=scale_axis(plan, ctx.config.granularity))
 
 
 PASS = Pass("qa-split", "apply quantization-aware split offsets with the final scale (--split qa)", run)

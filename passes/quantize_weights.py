@@ -30,6 +30,7 @@ def _record_sqnr(plan: LayerPlan, q: np.ndarray, axis: int | None, ctx: CompileC
     """SQNR of the layer's effective weight, and of the same clip method without OCS."""
     bits = ctx.config.weight_bits
     w0 = plan.original_weight
+    plan.weight_energy = float(np.sum(np.square(w0, dtype=np.float64)))
     plain_scale = symmetric_scale(clip_thresholds(w0, axis, ctx.config), bits)
     plan.sqnr_without_ocs_db = sqnr_db(w0, fake_quantize_symmetric(w0, plain_scale, bits, axis))
     effective = dequantize(q, plan.scale, axis)
@@ -64,6 +65,7 @@ def run(graph: gs.Graph, ctx: CompileContext) -> None:
         if key not in done:
             done[key] = _dequantize_node(ctx, plan, q, axis)
         plan.node.inputs[1] = done[key].outputs[0]
+        ctx.done_with(plan.original_weight)
     graph.nodes.extend(done.values())
 
 

@@ -93,6 +93,7 @@ def run(graph: gs.Graph, ctx: CompileContext) -> None:
             ctx.kept_float[node.name] = f"excluded by --exclude {pattern}"
             continue
         plan = plan_layer(node, weight)
+        ctx.done_with(weight.values)
         if isinstance(plan, str):  # a weight we cannot quantize: say so, the user expected it to be
             ctx.kept_float[node.name] = plan
             ctx.warn(f"layer {node.name} kept float: {plan}")

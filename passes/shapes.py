@@ -8,7 +8,7 @@ import onnx_graphsurgeon as gs
 
 from ocs_onnx.context import CompileContext
 from ocs_onnx.errors import first_line
-from ocs_onnx.model_io import graph_to_model, model_to_graph
+from ocs_onnx.model_io import graph_from_skeleton, graph_skeleton
 from ocs_onnx.pass_manager import Pass
 
 
@@ -49,7 +49,7 @@ def complete_reshape_ranks(model: onnx.ModelProto) -> int:
 
 
 def run(graph: gs.Graph, ctx: CompileContext) -> gs.Graph | None:
-    model = graph_to_model(graph)
+    model, left_out = graph_skeleton(graph)  # large weights as typed inputs: inference needs no values
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
         # A completed rank lets inference reach the layers after the Reshape; a second
@@ -61,7 +61,7 @@ def run(graph: gs.Graph, ctx: CompileContext) -> gs.Graph | None:
     except Exception as exc:  # inference is a convenience; a model it cannot follow still compiles
         ctx.warn(f"shape inference failed, continuing without it: {first_line(exc)}")
         return None
-    return model_to_graph(inferred)
+    return graph_from_skeleton(inferred, left_out)
 
 
 PASS = Pass("infer-shapes", "run ONNX shape inference (dynamic dimensions stay dynamic)", run)

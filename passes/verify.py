@@ -19,8 +19,8 @@ import onnxruntime as ort
 
 from ocs_onnx.calibration import model_input_specs, prepare_feed, synthetic_batches
 from ocs_onnx.context import CompileContext
-from ocs_onnx.errors import VerificationError, first_line
-from ocs_onnx.model_io import graph_to_model
+from ocs_onnx.errors import InvalidModelError, VerificationError, first_line
+from ocs_onnx.model_io import graph_skeleton, onnxruntime_message, session_model
 from ocs_onnx.pass_manager import Pass
 from ocs_onnx.quant import sqnr_db
 
@@ -59,23 +59,39 @@ def kernel_disagreement_hint(weight_bits: int, abits: int) -> str:
     )
 
 
-def optimized_op_counts(model_bytes: bytes) -> tuple[ort.InferenceSession, Counter]:
-    """A session on the model and the op types of the graph onnxruntime optimized it into."""
+def optimized_op_counts(model: bytes | str) -> tuple[ort.InferenceSession, Counter]:
+    """A session on the model (its bytes or its path) and the op types of the graph onnxruntime
+    optimized it into."""
     with tempfile.TemporaryDirectory() as tmp:
         options = ort.SessionOptions()
         options.log_severity_level = 4  # errors are raised, not printed
         options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-        optimized = onnx.load(options.optimized_model_filepath)
+        # only the op types are read: the weights go to a file that is never loaded
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "weights.data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        # Pre-packed weights would be one more copy of them; the kernels chosen and their
+        # (integer) results are the same without.
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(options.optimized_model_filepath, load_external_data=False)
     return session, Counter(node.op_type for node in optimized.graph.node)
+
+
+# A compiled model with more weight bytes than this is verified from a copy written with
+# external data, which onnxruntime maps rather than copies.
+INLINE_SESSION_BYTES = 64 << 20
 
 
 def run(graph: gs.Graph, ctx: CompileContext) -> None:
     if not ctx.config.verify:
         return
-    model = graph_to_model(graph)
+    with session_model(graph, ctx.scratch, INLINE_SESSION_BYTES) as model:
+        _verify(graph, ctx, model)
+
+
+def _verify(graph: gs.Graph, ctx: CompileContext, model: bytes | str) -> None:
     try:
-        session, ops = optimized_op_counts(model.SerializeToString())
+        session, ops = optimized_op_counts(model)
     except Exception as exc:
         raise VerificationError(f"onnxruntime cannot load the compiled model: {first_line(exc)}")
     quantized = len(ctx.layers) if ctx.config.abits is not None else 0
@@ -88,7 +104,8 @@ def run(graph: gs.Graph, ctx: CompileContext) -> None:
         ),
         "onnxruntime_version": ort.__version__,
     }
-    specs = model_input_specs(model)
+    skeleton, left_out = graph_skeleton(graph)
+    specs = [s for s in model_input_specs(skeleton) if s.name not in left_out]
     reference = ctx.reference_batch
     if reference is not None:
         feed = reference.feed
@@ -99,8 +116,16 @@ def run(graph: gs.Graph, ctx: CompileContext) -> None:
     try:
         outputs = session.run(None, feed)
     except Exception as exc:
-        raise VerificationError(f"onnxruntime cannot run the compiled model: {first_line(exc)}")
+        # Calibration ran the float model on the reference batch; without one (--abits none),
+        # the input model may be what cannot run.
+        if reference is None and not _input_model_runs(ctx, feed):
+            raise InvalidModelError(
+                f"onnxruntime cannot run the model on a synthetic batch (the input model fails as the compiled one "
+                f"does): {onnxruntime_message(exc)}; --no-verify compiles it without running it"
+            )
+        raise VerificationError(f"onnxruntime cannot run the compiled model: {onnxruntime_message(exc)}")
     names = [o.name for o in session.get_outputs()]
+    del session  # before the second session: a large model's sessions each hold its weights
     if not all(np.isfinite(o).all() for o in outputs if np.asarray(o).dtype.kind == "f"):
         ctx.warn("the compiled model produced NaN or Inf on the verification batch")
     if reference is not None:
@@ -111,7 +136,7 @@ def run(graph: gs.Graph, ctx: CompileContext) -> None:
         # The same QDQ model without graph optimizations runs DequantizeLinear + float ops: the
         # exact arithmetic the model specifies. The integer kernels must agree with it; a large
         # gap means a kernel overflowed (e.g. 16-bit pair sums of uint8 x int8 on AVX2).
-        simulated = _unoptimized_session(model.SerializeToString()).run(None, feed)
+        simulated = _unoptimized_session(model).run(None, feed)
         agreement = {n: sqnr_db(s, o) for n, s, o in zip(names, simulated, outputs)}
         result["integer_kernels_vs_qdq_sqnr_db"] = agreement
         worst = min((v for v in agreement.values() if v is not None), default=None)
@@ -123,11 +148,25 @@ def run(graph: gs.Graph, ctx: CompileContext) -> None:
     ctx.verification = result
 
 
-def _unoptimized_session(model_bytes: bytes) -> ort.InferenceSession:
+def _input_model_runs(ctx: CompileContext, feed: dict[str, np.ndarray]) -> bool:
+    source = ctx.input_model
+    if source is None:
+        return True
+    model = source.SerializeToString() if isinstance(source, onnx.ModelProto) else str(source)  # a path
+    try:
+        _unoptimized_session(model).run(None, feed)
+    except Exception:
+        return False
+    return True
+
+
+def _unoptimized_session(model: bytes | str) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 4  # errors are raised, not printed
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    # (no weight of this graph is pre-packed: its layers read DequantizeLinear outputs; disabling
+    # pre-packing anyway made creating the session several times slower on a 2 GB model)
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 PASS = Pass(

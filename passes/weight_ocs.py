@@ -25,6 +25,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ocs_onnx.context import CompileContext, LayerPlan
+from ocs_onnx.model_io import ComputedConstant, ComputedValues
 from ocs_onnx.pass_manager import Pass
 from ocs_onnx.config import CompileConfig
 from ocs_onnx.quant import (
@@ -55,6 +56,17 @@ def _widen_input(
     return nodes, widened
 
 
+def split_values(plan: LayerPlan, qa_scale: np.ndarray | None = None, out_axis: int | None = None) -> ComputedValues:
+    """The layer's weight after its splits (naive halves, or quantization-aware pieces with
+    ``qa_scale``), computed from the original weight whenever it is read."""
+    w, in_axis, splits = plan.original_weight, plan.weight_in_axis, list(plan.splits)
+    shape = list(w.shape)
+    shape[in_axis] += len(splits)
+    return ComputedValues(
+        lambda: apply_channel_splits(w, in_axis, splits, qa_scale=qa_scale, out_axis=out_axis), shape, w.dtype
+    )
+
+
 def quantization_error(plan: LayerPlan, splits: list[int], config: CompileConfig) -> float:
     """Squared error of the weight the layer effectively applies after splitting by ``splits``,
     clipping, (QA) splitting with the final scale, and quantizing: the pipeline's own steps."""
@@ -77,14 +89,13 @@ def _split_layer(plan: LayerPlan, ratio: float, ctx: CompileContext, shared: dic
         if not with_ocs < without:
             plan.not_split_reason = "splitting did not lower this layer's weight quantization error"
             splits = []
+    ctx.done_with(w)
     plan.splits = splits
     plan.channel_origins = channel_origins(channels, plan.splits)
     if not plan.splits:
         return
     node = plan.node
-    split_weight = gs.Constant(
-        ctx.unique_name(f"{plan.weight.name}_ocs"), apply_channel_splits(w, plan.weight_in_axis, plan.splits)
-    )
+    split_weight = ComputedConstant(ctx.unique_name(f"{plan.weight.name}_ocs"), split_values(plan))
     node.inputs[1] = split_weight
     plan.weight = split_weight
 

@@ -116,6 +116,14 @@ def _zero_batch(model: onnx.ModelProto) -> None:
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 0
 
 
+def _gather_out_of_range(model: onnx.ModelProto) -> None:
+    """A Gather of input columns with an index beyond them: onnxruntime loads the model and fails
+    when it runs it, whatever the inputs."""
+    model.graph.initializer.append(numpy_helper.from_array(np.array([0, 1, 2, 9], np.int64), "columns"))
+    model.graph.node.insert(0, helper.make_node("Gather", ["x", "columns"], ["picked"], name="pick", axis=1))
+    model.graph.node[1].input[0] = "picked"
+
+
 BAD_MODELS = {
     # a valid protobuf that is not a model
     "a serialized TensorProto": (
@@ -193,6 +201,18 @@ BAD_MODELS = {
         errors.INVALID_MODEL,
         ["onnxruntime", "fc0/gemm"],
     ),
+    "a model onnxruntime loads but cannot run, calibrated on synthetic inputs": (
+        lambda: _mutated(_gather_out_of_range),
+        ["-q"],  # without it, the warning that the inputs are synthetic comes first
+        errors.INVALID_MODEL,
+        ["onnxruntime cannot run the model on synthetic inputs", "'pick'", "--calib-data"],
+    ),
+    "a model onnxruntime loads but cannot run, weight-only and verified": (
+        lambda: _mutated(_gather_out_of_range),
+        ["--abits", "none"],
+        errors.INVALID_MODEL,
+        ["onnxruntime cannot run the model", "the input model fails", "'pick'", "--no-verify"],
+    ),
     "a fixed batch dimension of zero": (
         lambda: _mutated(_zero_batch),
         [],
@@ -210,6 +230,56 @@ def test_a_bad_model_is_refused_with_one_line_and_leaves_nothing(case, tmp_path,
     code, err = run_cli(capsys, "compile", model, "-o", tmp_path / "out.onnx", "--report", tmp_path / "r.json", *extra)
     assert_clean_failure(code, err, expected_code, tmp_path, listing, *fragments)
     assert sha256(model) == before
+
+
+def test_a_model_that_cannot_run_compiles_weight_only_without_verification(tmp_path, capsys):
+    path = save(_mutated(_gather_out_of_range), tmp_path / "model.onnx")
+    code, err = run_cli(capsys, "compile", path, "--abits", "none", "--no-verify", "-q")
+    assert code == 0 and err == ""
+    output = onnx.load(str(tmp_path / "model.q.onnx"))
+    assert sum(n.op_type == "DequantizeLinear" for n in output.graph.node) == 2
+
+
+def _seq_reshape_model() -> onnx.ModelProto:
+    """x [N, S] -> Reshape to [N, S/4, 4] -> MatMul: runs when S is a multiple of 4 (the synthetic
+    inputs' 32), not otherwise."""
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Reshape", ["x", "groups_of_4"], ["grouped"], name="group"),
+            helper.make_node("MatMul", ["grouped", "w"], ["y"], name="matmul"),
+        ],
+        "seq_reshape",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "S"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "G", 3])],
+        [
+            numpy_helper.from_array(np.array([0, -1, 4], np.int64), "groups_of_4"),
+            numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "w"),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+def test_calibration_data_the_model_cannot_run_on_is_a_calibration_data_error(tmp_path, capsys):
+    model = save(_seq_reshape_model(), tmp_path / "model.onnx")
+    calib = _npz(tmp_path, x=np.ones((4, 6), np.float32))  # 6 values per sample: not groups of 4
+    listing = set(os.listdir(tmp_path))
+    code, err = run_cli(capsys, "compile", model, "--calib-data", calib)
+    assert_clean_failure(
+        code, err, errors.CALIBRATION_DATA, tmp_path, listing, "calibration batch 0", "runs on synthetic inputs"
+    )
+    good = _npz(tmp_path, x=np.ones((4, 8), np.float32))
+    assert run_cli(capsys, "compile", model, "--calib-data", good, "-q") == (0, "")
+
+
+def test_calibration_data_for_a_model_that_cannot_run_at_all_is_not_blamed(tmp_path, capsys):
+    model = save(_mutated(_gather_out_of_range), tmp_path / "model.onnx")
+    calib = _npz(tmp_path, x=_x())
+    listing = set(os.listdir(tmp_path))
+    code, err = run_cli(capsys, "compile", model, "--calib-data", calib)
+    assert_clean_failure(
+        code, err, errors.INVALID_MODEL, tmp_path, listing, "cannot run the model", "nor on synthetic inputs", "'pick'"
+    )
 
 
 def test_an_unknown_custom_op_stays_float_and_the_rest_compiles_without_running_the_model(tmp_path, capsys):
