@@ -61,7 +61,7 @@ def compile_graph(
     if config.abits is not None or config.verify:
         check_onnxruntime_loads(source, config.abits)
     ctx = CompileContext(
-        config, source=source.where, input_model=source.path or source.proto, scratch=scratch, release=source.release
+        config, source=source.where, input_model=source, scratch=scratch, release=source.release
     )
     graph = model_to_graph(source)
     ctx.reserve_names(graph)
