@@ -102,6 +102,16 @@ def test_the_output_with_external_data_loads_and_computes_what_the_one_file_outp
     assert {name: sha256(tmp_path / name) for name in before} == before
 
 
+def test_an_output_beyond_protobufs_limit_goes_to_a_data_file_unasked(tmp_path, capsys, monkeypatch):
+    model = save_external(builders.mlp_gemm(), tmp_path)
+    assert run_cli(capsys, "compile", model, *COMPILE, "-o", tmp_path / "asked.onnx", "--external-data") == (0, "")
+    monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", 4096)  # this model's weights do not fit below it
+    monkeypatch.setattr(model_io, "PROTOBUF_MARGIN", 0)
+    assert run_cli(capsys, "compile", model, *COMPILE, "-o", tmp_path / "unasked.onnx") == (0, "")
+    assert Path(f"{tmp_path}/unasked.onnx.data").read_bytes() == Path(f"{tmp_path}/asked.onnx.data").read_bytes()
+    assert {info.location for info in external_tensors(tmp_path / "unasked.onnx").values()} == {"unasked.onnx.data"}
+
+
 def test_external_data_output_bytes_are_identical_across_processes_with_different_hash_seeds(tmp_path):
     model = save_external(builders.mlp_gemm(), tmp_path)
     outputs = []
