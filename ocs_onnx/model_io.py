@@ -675,5 +675,10 @@ def session_model(graph: gs.Graph, folder: Path | None = None, inline_limit: int
     with tempfile.TemporaryDirectory(dir=folder, prefix=".ocs-onnx-") as tmp:
         path = Path(tmp) / "model.onnx"
         files, _ = model_files(graph, path, external_data=True)
-        write_files_atomic(files)
+        for file, contents in files.items():  # a scratch copy: neither renamed nor synced
+            with open(file, "wb") as f:
+                if callable(contents):
+                    contents(f)
+                else:
+                    f.write(contents)
         yield str(path)

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnx import numpy_helper
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 import ocs_onnx
@@ -70,6 +71,18 @@ def test_a_model_with_external_data_compiles_to_what_the_same_model_in_one_file_
     data_bytes = (tmp_path / "ext" / "model.onnx.data").stat().st_size
     assert report["totals"]["model_bytes_before"] >= data_bytes > report["totals"]["model_bytes_after"] / 2
     assert report["output_data"] is None
+
+
+def test_weights_at_offsets_that_are_not_a_multiple_of_their_element_size_compile(tmp_path, capsys):
+    model = builders.mlp_gemm()
+    # 1025 bytes first in the data file: every float weight after them starts at an odd offset
+    model.graph.initializer.insert(0, numpy_helper.from_array(np.arange(1025, dtype=np.uint8), "odd_bytes"))
+    onnx.save(model, str(tmp_path / "inline.onnx"))
+    path = save_external(model, tmp_path / "ext")
+    assert all(info.offset % 4 for name, info in external_tensors(path).items() if name.endswith("weight"))
+    assert run_cli(capsys, "compile", tmp_path / "inline.onnx", *COMPILE) == (0, "")
+    assert run_cli(capsys, "compile", path, *COMPILE) == (0, "")
+    assert (tmp_path / "ext" / "model.q.onnx").read_bytes() == (tmp_path / "inline.q.onnx").read_bytes()
 
 
 def test_the_output_with_external_data_loads_and_computes_what_the_one_file_output_computes(tmp_path, capsys):
