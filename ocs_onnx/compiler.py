@@ -60,9 +60,8 @@ def compile_graph(
     to stream) and the context the report is built from. Temporary files go to ``scratch``."""
     if config.abits is not None or config.verify:
         check_onnxruntime_loads(source, config.abits)
-    ctx = CompileContext(
-        config, source=source.where, input_model=source.path or source.proto, scratch=scratch, release=source.release
-    )
+    where = source.where if source.path is not None else "<in-memory model>"
+    ctx = CompileContext(config, source=where, input_model=source, scratch=scratch, release=source.release)
     graph = model_to_graph(source)
     ctx.reserve_names(graph)
     manager = build_pass_manager()

@@ -82,8 +82,8 @@ class ActivationSplit:
 class CompileContext:
     config: CompileConfig
     source: str = "<model>"
-    # The model as given (a path or a ModelProto), to tell a model that cannot run from a
-    # compiled model that cannot.
+    # The model as loaded (a ModelSource), to tell a model that cannot run from a compiled
+    # model that cannot.
     input_model: object = None
     # A folder for temporary files (a large model's copy for onnxruntime); None: the system's.
     scratch: object = None

@@ -226,7 +226,10 @@ def map_external_data(model: onnx.ModelProto, refs: list[ExternalRef]) -> Mapped
         tensor = ref.tensor
         dtype = MAPPABLE_TYPES.get(tensor.data_type)
         if ref.path not in maps:
-            maps[ref.path] = _map_file(ref.path)
+            try:
+                maps[ref.path] = _map_file(ref.path)
+            except OSError as exc:
+                raise InvalidModelError(f"{ref.path.name}: cannot read the external data file ({first_line(exc)})")
             mapped.files.append(ref.path)
             if maps[ref.path] is not None:
                 mapped._maps.append(maps[ref.path])
@@ -243,6 +246,8 @@ def map_external_data(model: onnx.ModelProto, refs: list[ExternalRef]) -> Mapped
                     count=int(np.prod(shape)),
                     offset=ref.offset,
                 )
+                # (at an offset that is not a multiple of the element size, e.g. after an odd-sized
+                # uint8 tensor, the view is unaligned: numpy and onnxruntime read it as it is)
                 mapped.arrays[tensor.name] = view.reshape(shape)
         else:
             data = maps[ref.path]

@@ -31,6 +31,7 @@ from . import __version__
 from .errors import InvalidModelError, UnsupportedModelError, UsageError, first_line
 from .external_data import (
     EXTERNAL_MIN_BYTES,
+    MAPPABLE_TYPES,
     all_tensors,
     DataLayout,
     MappedData,
@@ -51,23 +52,21 @@ PROTOBUF_MARGIN = 64 << 20
 
 @dataclass
 class ModelSource:
-    """A loaded and checked model: the ModelProto (external data not read) and its external
-    weights, memory-mapped."""
+    """A loaded and checked model: the ModelProto, and the weights held outside it as arrays
+    (external data, memory-mapped; large weights of a model file, lifted out of its protobuf)."""
 
     proto: onnx.ModelProto
     where: str
     path: Path | None = None
     external: MappedData = field(default_factory=MappedData)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    # The model's size: its protobuf and its external data.
+    bytes: int = 0
 
     @property
     def input_files(self) -> list[Path]:
         """The files the model is made of: the model and its data files."""
         return ([self.path] if self.path is not None else []) + list(self.external.files)
-
-    @property
-    def bytes(self) -> int:
-        """The model's size: its protobuf and its external data."""
-        return self.proto.ByteSize() + self.external.bytes
 
     def release(self, array: np.ndarray | None = None) -> None:
         """See ``MappedData.release``."""
@@ -103,24 +102,54 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> ModelSource:
         raise InvalidModelError(f"{where}: {bad_text}")
     refs = check_external_tensors(model, path.parent, where) if path is not None else []
     external = map_external_data(model, refs) if refs else MappedData()
+    arrays = dict(external.arrays)
+    if path is not None and not refs:
+        model, lifted = _lift_weights(model, where)
+        arrays.update(lifted)
     try:
-        onnx.checker.check_model(_without(model, external.arrays) if external.arrays else model)
+        onnx.checker.check_model(_without(model, arrays) if arrays else model)
     except onnx.checker.ValidationError as exc:
         raise InvalidModelError(f"{where}: fails onnx.checker: {first_line(exc)}")
     except ValueError as exc:  # a model file beyond 2 GiB without external data
         raise InvalidModelError(f"{where}: cannot be checked: {first_line(exc)}")
     _check_opsets(model, where)
-    _check_tensor_data(model, where)
+    _check_tensor_data(model, where, held=arrays)
     _check_inputs(model, where)
-    return ModelSource(model, where, path, external)
+    size = (path.stat().st_size if path is not None else model.ByteSize()) + external.bytes
+    return ModelSource(model, where, path, external, arrays, size)
+
+
+def _lift_weights(model: onnx.ModelProto, where: str) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """Moves the large weights of a model read from one file out of its protobuf: arrays, and a
+    new ModelProto without their data. protobuf frees a message's memory only with the message,
+    and the copies made of the graph would otherwise hold the weights a second time."""
+    lifted = {}
+    for tensor in model.graph.initializer:
+        dtype = MAPPABLE_TYPES.get(tensor.data_type)
+        if dtype is None or tensor.ByteSize() < SKELETON_MIN_BYTES or not tensor.HasField("raw_data"):
+            continue
+        shape = tuple(int(d) for d in tensor.dims)
+        raw = tensor.raw_data  # a copy; the array is a read-only view of it
+        values = np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<"))
+        if values.size != int(np.prod(shape, dtype=np.int64)):
+            raise InvalidModelError(
+                f"{where}: initializer {tensor.name!r} holds {len(raw)} bytes of data, its type and shape "
+                f"{list(shape)} need {int(np.prod(shape, dtype=np.int64)) * values.itemsize}"
+            )
+        lifted[tensor.name] = values.reshape(shape)
+        tensor.ClearField("raw_data")
+    if not lifted:
+        return model, lifted
+    return onnx.ModelProto.FromString(model.SerializeToString()), lifted
 
 
 def _without(model: onnx.ModelProto, mapped: dict[str, np.ndarray]) -> onnx.ModelProto:
-    """A copy of the model for the checker, with the mapped initializers as graph inputs of their
-    type and shape. The checker would look for their data files relative to the working folder
-    (or refuse a symlink inside the model's folder); check_external_tensors has checked them."""
+    """A copy of the model for the checker, with the initializers held as arrays as graph inputs
+    of their type and shape: the checker would look for the data files of mapped ones relative
+    to the working folder (or refuse a symlink inside the model's folder), and would need the
+    others serialized whole. check_external_tensors and _lift_weights have checked them."""
     copy = onnx.ModelProto()
-    copy.CopyFrom(model)  # small: the mapped initializers hold no data
+    copy.CopyFrom(model)  # small: those initializers hold no data
     initializers = copy.graph.initializer
     inputs = {value.name for value in copy.graph.input}
     for index in reversed(range(len(initializers))):
@@ -158,9 +187,10 @@ def _check_opsets(model: onnx.ModelProto, where: str) -> None:
             )
 
 
-def _check_tensor_data(model: onnx.ModelProto, where: str) -> None:
+def _check_tensor_data(model: onnx.ModelProto, where: str, held: dict[str, np.ndarray]) -> None:
     """Every weight's data must match its element type and dims: onnx.checker does not look,
-    and a mismatch would otherwise surface deep inside a pass."""
+    and a mismatch would otherwise surface deep inside a pass. (``held``: initializers whose
+    data is an array, checked when it was made.)"""
     tensors = [("initializer", t) for t in model.graph.initializer]
     tensors += [
         (f"Constant node {node.name!r}", a.t)
@@ -169,8 +199,8 @@ def _check_tensor_data(model: onnx.ModelProto, where: str) -> None:
         if a.type == onnx.AttributeProto.TENSOR
     ]
     for what, tensor in tensors:
-        if uses_external_data(tensor):
-            continue  # mapped, its size checked against its type and shape
+        if uses_external_data(tensor) or (what == "initializer" and tensor.name in held):
+            continue  # mapped or lifted, its size checked against its type and shape
         try:
             numpy_helper.to_array(tensor)
         except Exception as exc:  # KeyError for unknown types, ValueError for sizes, ...
@@ -225,20 +255,19 @@ def onnxruntime_message(exc: BaseException) -> str:
     return _ORT_PREFIX.sub("", first_line(exc))
 
 
-def input_session(source: ModelSource, optimize: bool = False):
-    """An onnxruntime session on the input model: from its file when it has one (onnxruntime
-    maps its external data), from its bytes otherwise."""
+def input_session(source: ModelSource):
+    """An onnxruntime session on the input model, unoptimized, and what to feed it besides the
+    model's inputs: its large weights are graph inputs fed from the arrays (see graph_skeleton),
+    which onnxruntime reads in place instead of copying the model's weights."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 4
-    if not optimize:
-        # Loading checks types, shapes and ops; optimizing would only cost time here.
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    # Pre-packed copies of the weights would double the memory of a large model for nothing.
-    options.add_session_config_entry("session.disable_prepacking", "1")
-    model = str(source.path) if source.path is not None else source.proto.SerializeToString()
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    # Loading checks types, shapes and ops; optimizing would only cost time here.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    model, left_out = graph_skeleton(model_to_graph(source))
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session, left_out
 
 
 def check_onnxruntime_loads(source: ModelSource, abits: int | None) -> None:
@@ -329,7 +358,7 @@ def model_to_graph(model: ModelSource | onnx.ModelProto) -> gs.Graph:
     if isinstance(model, onnx.ModelProto):
         return gs.import_onnx(model)
     graph = gs.import_onnx(model.proto)
-    arrays = model.external.arrays
+    arrays = model.arrays
     if arrays:
         for name, tensor in graph.tensors().items():
             if isinstance(tensor, gs.Constant) and name in arrays:
@@ -648,5 +677,10 @@ def session_model(graph: gs.Graph, folder: Path | None = None, inline_limit: int
     with tempfile.TemporaryDirectory(dir=folder, prefix=".ocs-onnx-") as tmp:
         path = Path(tmp) / "model.onnx"
         files, _ = model_files(graph, path, external_data=True)
-        write_files_atomic(files)
+        for file, contents in files.items():  # a scratch copy: neither renamed nor synced
+            with open(file, "wb") as f:
+                if callable(contents):
+                    contents(f)
+                else:
+                    f.write(contents)
         yield str(path)

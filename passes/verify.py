@@ -20,7 +20,7 @@ import onnxruntime as ort
 from ocs_onnx.calibration import model_input_specs, prepare_feed, synthetic_batches
 from ocs_onnx.context import CompileContext
 from ocs_onnx.errors import InvalidModelError, VerificationError, first_line
-from ocs_onnx.model_io import graph_skeleton, onnxruntime_message, session_model
+from ocs_onnx.model_io import constant_array, graph_skeleton, input_session, onnxruntime_message, session_model
 from ocs_onnx.pass_manager import Pass
 from ocs_onnx.quant import sqnr_db
 
@@ -149,12 +149,11 @@ def _verify(graph: gs.Graph, ctx: CompileContext, model: bytes | str) -> None:
 
 
 def _input_model_runs(ctx: CompileContext, feed: dict[str, np.ndarray]) -> bool:
-    source = ctx.input_model
-    if source is None:
+    if ctx.input_model is None:
         return True
-    model = source.SerializeToString() if isinstance(source, onnx.ModelProto) else str(source)  # a path
     try:
-        _unoptimized_session(model).run(None, feed)
+        session, left_out = input_session(ctx.input_model)
+        session.run(None, {**feed, **{name: constant_array(c) for name, c in left_out.items()}})
     except Exception:
         return False
     return True

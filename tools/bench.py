@@ -165,7 +165,12 @@ def ort_quantize_child(model: str, calibration: str, output: str, method: str, w
             # (ocs-onnx upgrades too, in its upgrade-opset pass).
             model = str(Path(folder) / "upgraded.onnx")
             onnx.save(onnx.version_converter.convert_version(source, PER_CHANNEL_MIN_OPSET), model)
-        quant_pre_process(model, prepared)  # what onnxruntime's documentation asks for before quantizing
+        try:
+            quant_pre_process(model, prepared)  # what onnxruntime's documentation asks for before quantizing
+        except Exception:
+            # Its symbolic shape inference gives up on some exports (PP-OCRv5 det); a user would
+            # then skip that step, which leaves ONNX shape inference and graph optimization.
+            quant_pre_process(model, prepared, skip_symbolic_shape=True)
         quantize_static(
             prepared,
             output,

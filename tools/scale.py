@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -41,10 +42,15 @@ class _ExternalWriter:
         self.tensors: list[onnx.TensorProto] = []
 
     def add(self, name: str, array: np.ndarray) -> str:
-        tensor = numpy_helper.from_array(np.ascontiguousarray(array), name)
+        array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
         offset = self.file.tell()
-        self.file.write(tensor.raw_data)
-        set_external_data(tensor, self.location, offset, len(tensor.raw_data))
+        self.file.write(memoryview(array.reshape(-1)).cast("B"))
+        # The bytes never go through the TensorProto: protobuf keeps a cleared field's memory
+        # until the message is freed, and this process would hold every weight.
+        dtype = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+        tensor = onnx.TensorProto(name=name, data_type=dtype, dims=array.shape)
+        tensor.raw_data = b""  # set_external_data wants raw data to move out
+        set_external_data(tensor, self.location, offset, array.nbytes)
         tensor.ClearField("raw_data")
         self.tensors.append(tensor)
         return name
@@ -194,6 +200,11 @@ def table(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
+def parent_peak_rss() -> int:
+    """This process's peak resident memory in bytes."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0], help="weights in GiB")
@@ -203,7 +214,12 @@ def main(argv=None) -> int:
     parser.add_argument("--extra", default="", help="more compile options, e.g. '--external-data'")
     parser.add_argument("--work", type=Path, help="folder for the models (default: a temporary folder)")
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
+    parser.add_argument("--generate", type=Path, help=argparse.SUPPRESS)  # (in a child: write one model)
+    parser.add_argument("--blocks", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.generate is not None:
+        transformer_stack(args.generate, args.blocks, args.d_model)
+        return 0
     d_ff = 4 * args.d_model
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
@@ -211,7 +227,11 @@ def main(argv=None) -> int:
             blocks = blocks_for(size * GIB, args.d_model, d_ff)
             folder = Path(tmp) / f"{size:g}gib"
             start = time.perf_counter()
-            model = transformer_stack(folder, blocks, args.d_model)
+            # Generated in a child process: a child's ru_maxrss starts at its parent's peak (the
+            # parent's memory is the child's until it execs), so this process must stay small.
+            generate = [sys.executable, __file__, "--generate", str(folder), "--blocks", str(blocks)]
+            subprocess.run(generate + ["--d-model", str(args.d_model)], check=True)
+            model = folder / "model.onnx"
             weight_bytes = (folder / "model.onnx.data").stat().st_size
             name = f"{blocks} blocks d={args.d_model}"
             print(
@@ -221,6 +241,11 @@ def main(argv=None) -> int:
                 extra = MODES[mode] + (["--calib-samples", str(args.calib_samples)] if mode == "calibrated" else [])
                 output = folder / f"model.{mode}.onnx"
                 seconds, peak, _ = compile_in_child(model, output, extra + args.extra.split())
+                if peak <= 1.05 * parent_peak_rss():
+                    print(
+                        f"warning: the child's peak is this process's ({peak / 2**20:.0f} MiB), not its own",
+                        file=sys.stderr,
+                    )
                 runs.append(Run(name, weight_bytes, mode, seconds, peak, output_bytes(output)))
                 print(table(runs[-1:]).splitlines()[-1], file=sys.stderr)
                 for path in folder.glob(f"model.{mode}.onnx*"):
