@@ -89,7 +89,6 @@ FILES: dict[str, ZooFile] = {
         "c71d239df91726fc519c6eb72d318ec65820627232b2f796219e87dcf35d0ab4",
     ),
 }
-MODELS = ("ppocrv5-rec", "ppocrv5-cls", "ppocrv5-det")
 
 
 class ZooError(Exception):
@@ -143,10 +142,6 @@ def fetch(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
     if path is None:  # extraction checks every sha256, so this means the cache changed under us
         raise ZooError(f"{name}: the cached file is missing or corrupt right after extraction")
     return path
-
-
-def fetch_all(cache_dir: str | os.PathLike | None = None) -> dict[str, Path]:
-    return {name: fetch(name, cache_dir) for name in FILES}
 
 
 def _download_and_extract(target: Path) -> None:

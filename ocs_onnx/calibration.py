@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
+import onnx_graphsurgeon as gs
 
 from .errors import CalibrationDataError, InvalidModelError
 from .histogram import ChannelHistograms, SymmetricHistogram
-from .model_io import onnxruntime_message
+from .sessions import BASIC_OPTIMIZATION, new_session, onnxruntime_message
 
 # Symbolic (dynamic) dimensions other than the batch axis get this size in synthetic inputs.
 SYNTHETIC_DYNAMIC_DIM = 32
@@ -259,6 +259,21 @@ def open_calibration_data(path: Path, specs: list[InputSpec]) -> CalibrationData
     return CalibrationData(groups, str(path))
 
 
+def integer_input_limits(graph: gs.Graph) -> dict[str, int]:
+    """For integer inputs used as Gather indices into a constant table (token ids), the table
+    size along the gathered axis: synthetic ids must stay below it."""
+    limits = {}
+    for tensor in graph.inputs:
+        for consumer in tensor.outputs:
+            if consumer.op == "Gather" and consumer.inputs[1] is tensor and isinstance(consumer.inputs[0], gs.Constant):
+                axis, shape = consumer.attrs.get("axis", 0), consumer.inputs[0].shape
+                if not isinstance(axis, int) or not -len(shape) <= axis < len(shape):
+                    continue  # a malformed axis: running the model reports it
+                size = shape[axis]
+                limits[tensor.name] = min(limits.get(tensor.name, size), size)
+    return limits
+
+
 def synthetic_batches(
     specs: list[InputSpec], samples: int, batch: int, seed: int, int_high: dict[str, int]
 ) -> Iterator[dict[str, np.ndarray]]:
@@ -408,10 +423,7 @@ def observe_ranges(
         if name not in input_names and name not in graph_outputs:
             model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     fetched = [n for n in tensor_names if n not in input_names]
-    options = ort.SessionOptions()
-    options.log_severity_level = 4  # errors are raised, not printed
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    calibration_session = new_session(model.SerializeToString(), BASIC_OPTIMIZATION)
     constants = constants or {}
     layouts = channel_layouts or {}
     observers = {name: RangeObserver(layouts.get(name)) for name in tensor_names}
@@ -430,9 +442,11 @@ def observe_ranges(
             size = 1 if chunk is None else (chunk or rows)
             part = feed if start == 0 and size >= rows else {k: v[start : start + size] for k, v in feed.items()}
             try:
-                values = session.run(fetched + outputs, {**part, **constants})
+                values = calibration_session.run(fetched + outputs, {**part, **constants})
             except Exception as exc:
-                raise _run_failure(session, outputs, specs, constants, synthetic_feed, _rows(part), index, exc)
+                raise _run_failure(
+                    calibration_session, outputs, specs, constants, synthetic_feed, _rows(part), index, exc
+                )
             for name, value in zip(fetched, values):
                 observers[name].update(value)
             for name in tensor_names:

@@ -17,7 +17,8 @@ from . import __version__
 from .clip import CLIP_METHODS
 from .config import ACTIVATION_TYPES, GRANULARITIES, SPLIT_MODES, CompileConfig
 from .errors import INTERNAL, USAGE, OcsError, UsageError, first_line
-from .model_io import default_output_path
+from .pass_manager import PassFailure
+from .writing import default_output_path
 
 log = logging.getLogger("ocs_onnx")
 
@@ -62,9 +63,18 @@ def cli():
 
 def _list_passes() -> None:
     from .compiler import build_pass_manager
+    from .pass_manager import describe_passes
 
-    for index, p in enumerate(build_pass_manager().passes, start=1):
-        click.echo(f"{index:2d}. {p.name:26s} {p.summary}")
+    click.echo(describe_passes(build_pass_manager().passes))
+
+
+# Every option's default is CompileConfig's: the CLI and the Python API cannot drift apart.
+DEFAULTS = CompileConfig()
+
+
+def _option(*flags: str, field: str, **kwargs):
+    """A click option whose default is the CompileConfig field's (shown in --help)."""
+    return click.option(*flags, default=getattr(DEFAULTS, field), show_default=True, **kwargs)
 
 
 @cli.command("compile")
@@ -72,90 +82,70 @@ def _list_passes() -> None:
 @click.option(
     "-o", "--output", type=click.Path(path_type=Path), help="Output model [default: MODEL with suffix .q.onnx]."
 )
-@click.option("--wbits", type=int, default=8, show_default=True, help="Weight bits (2-8).")
+@_option("--wbits", field="wbits", type=int, help="Weight bits (2-8).")
 @click.option(
     "--abits",
     type=BitsOrNone(),
-    default="8",
+    default=str(DEFAULTS.abits),
     show_default=True,
     help="Activation bits (2-8), or 'none' for weight-only quantization without calibration.",
 )
-@click.option(
+@_option(
     "--ratio",
+    field="ratio",
     type=float,
-    default=0.02,
-    show_default=True,
     help="OCS expansion ratio r: ceil(r * C_in) channel splits per layer (0 disables OCS).",
 )
-@click.option(
+@_option(
     "--act-ratio",
+    field="act_ratio",
     type=float,
-    default=0.0,
-    show_default=True,
     help="Activation OCS ratio: split ceil(r * C) channels of each layer input, those with the most "
     "calibration values beyond the tensor's 99th percentile (0 disables).",
 )
-@click.option(
-    "--split",
-    type=click.Choice(SPLIT_MODES),
-    default="qa",
-    show_default=True,
-    help="Quantization-aware split (paper eq. 6) or naive halving.",
+@_option(
+    "--split", field="split", type=click.Choice(SPLIT_MODES), help="Quantization-aware split (paper eq. 6) or naive halving."
 )
-@click.option(
+@_option(
     "--granularity",
+    field="granularity",
     type=click.Choice(GRANULARITIES),
-    default="channel",
-    show_default=True,
     help="One weight scale per output channel, or per tensor.",
 )
-@click.option(
+@_option(
     "--activation-type",
+    field="activation_type",
     type=click.Choice(ACTIVATION_TYPES),
-    default="uint8",
-    show_default=True,
     help="uint8 with zero point (asymmetric) or int8 symmetric activations.",
 )
-@click.option(
+@_option(
     "--ocs-guard/--no-ocs-guard",
-    default=True,
-    show_default=True,
+    field="ocs_guard",
     help="Split a layer only when that lowers its weight quantization error.",
 )
-@click.option(
+@_option(
     "--wclip",
+    field="wclip",
     type=click.Choice(CLIP_METHODS),
-    default="none",
-    show_default=True,
     help="Weight clip threshold method (searched on the split weights).",
 )
-@click.option(
+@_option(
     "--aclip",
+    field="aclip",
     type=click.Choice(CLIP_METHODS),
-    default="percentile",
-    show_default=True,
     help="Activation clip threshold method (on the calibration histograms).",
 )
-@click.option(
-    "--percentile",
-    type=float,
-    default=99.99,
-    show_default=True,
-    help="Percentile of |x| for --wclip/--aclip percentile.",
-)
+@_option("--percentile", field="percentile", type=float, help="Percentile of |x| for --wclip/--aclip percentile.")
 @click.option(
     "--calib-data",
     type=click.Path(path_type=Path),
     help=".npz (one array per model input, first axis = samples) or a folder of .npz/.npy files.",
 )
-@click.option(
-    "--calib-samples", type=int, default=128, show_default=True, help="Use at most this many calibration samples."
-)
-@click.option(
+@_option("--calib-samples", field="calib_samples", type=int, help="Use at most this many calibration samples.")
+@_option(
     "--calib-batch",
+    field="calib_batch",
     type=int,
-    default=16,
-    show_default=True,
     help="Calibration batch size (a fixed batch dimension in the model wins).",
 )
 @click.option(
@@ -164,7 +154,7 @@ def _list_passes() -> None:
     metavar="PATTERN",
     help="Keep matching nodes float (glob on node name or op type; repeatable).",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic calibration inputs.")
+@_option("--seed", field="seed", type=int, help="Seed of the synthetic calibration inputs.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON report here.")
 @click.option(
     "--dump-after",
@@ -174,17 +164,18 @@ def _list_passes() -> None:
 )
 @click.option(
     "--reduce-range/--no-reduce-range",
-    default=None,
+    default=DEFAULTS.reduce_range,
     help="8-bit weights on a +-63 grid so uint8 x int8 kernels cannot overflow on CPUs without VNNI [default: on for W8A8].",
 )
-@click.option("--no-verify", is_flag=True, help="Skip the onnxruntime check of the output.")
+@click.option("--no-verify", is_flag=True, default=not DEFAULTS.verify, help="Skip the onnxruntime check of the output.")
 @click.option(
     "--external-data",
     is_flag=True,
+    default=DEFAULTS.external_data,
     help="Write the weights to OUTPUT.data beside the output (ONNX external data); "
     "always done for a model beyond protobuf's 2 GiB limit.",
 )
-@click.option("--list-passes", is_flag=True, help="Show the pass pipeline and exit.")
+@click.option("--list-passes", is_flag=True, help="Show the pass pipeline, with what each pass requires and produces, and exit.")
 @click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
 @click.option("-v", "--verbose", count=True, help="Print per-pass progress.")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
@@ -281,10 +272,9 @@ def main(argv=None) -> int:
     except Exception as exc:  # a bug in ocs-onnx: say so in one line, keep the traceback for --debug
         if debug:
             traceback.print_exc()
-        click.echo(
-            f"ocs-onnx: internal error: {type(exc).__name__}: {str(exc).strip() and first_line(exc)} (rerun with --debug for the traceback)",
-            err=True,
-        )
+        # a pass's failure names the pass and the passes before it
+        where = f" {exc}" if isinstance(exc, PassFailure) else f": {type(exc).__name__}: {first_line(exc)}"
+        click.echo(f"ocs-onnx: internal error{where} (rerun with --debug for the traceback)", err=True)
         return INTERNAL
 
 

@@ -14,22 +14,15 @@ import onnxruntime as ort
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from .config import CompileConfig
-from .context import CompileContext
+from .context import CompileContext, UniqueNames
 from .errors import UsageError
-from .model_io import (
-    ModelSource,
-    check_onnxruntime_loads,
-    default_output_path,
-    graph_to_model,
-    load_model,
-    model_files,
-    model_to_graph,
-    parameter_count,
-    save_graph_atomic,
-    write_files_atomic,
-)
-from .pass_manager import PassManager
+from .gs_adapter import graph_to_model, parameter_count
+from .loading import ModelSource, load_model
+from .pass_manager import AfterEach, DumpAfter, Pass, PassManager, StopAfter, Timing, VerifyEach
+from .passes import DEFAULT_PASSES
 from .report import build_report, report_json
+from .sessions import check_onnxruntime_loads
+from .writing import default_output_path, model_files, save_graph_atomic, write_files_atomic
 
 # onnx-graphsurgeon logs to stdout; only its errors matter to our users.
 G_LOGGER.severity = G_LOGGER.ERROR
@@ -38,10 +31,14 @@ G_LOGGER.severity = G_LOGGER.ERROR
 ort.set_default_logger_severity(4)
 
 
-def build_pass_manager(verify_each: bool = True) -> PassManager:
-    from passes import DEFAULT_PASSES
+def build_pass_manager(passes: list[Pass] | None = None) -> PassManager:
+    """The pipeline (the default passes unless given); its order is checked here."""
+    return PassManager(DEFAULT_PASSES if passes is None else passes)
 
-    return PassManager(DEFAULT_PASSES, verify_each=verify_each)
+
+def _check_pass_name(manager: PassManager, name: str, flag: str) -> None:
+    if name not in manager.names:
+        raise UsageError(f"{flag}: no pass named {name!r}; the passes are: {', '.join(manager.names)}")
 
 
 def _config_from(config: CompileConfig | None, options: dict) -> CompileConfig:
@@ -62,25 +59,30 @@ def compile_graph(
         check_onnxruntime_loads(source, config.abits)
     where = source.where if source.path is not None else "<in-memory model>"
     ctx = CompileContext(config, source=where, input_model=source, scratch=scratch, release=source.release)
-    graph = model_to_graph(source)
-    ctx.reserve_names(graph)
+    graph = source.graph()
+    ctx.unique_name = UniqueNames(graph)
     manager = build_pass_manager()
+    if config.stop_after is not None:
+        _check_pass_name(manager, config.stop_after, "--stop-after")
+    for name in config.dump_after:
+        _check_pass_name(manager, name, "--dump-after")
 
     def dump(name: str, g: gs.Graph) -> None:
         save_graph_atomic(g, Path(f"{dump_prefix}.after-{name}.onnx"), config.external_data)
 
+    instruments = [
+        Timing(),
+        VerifyEach(),
+        DumpAfter(config.dump_after, dump),
+        # pages of mapped weights that a pass read count as this process's memory until handed back
+        AfterEach(source.release),
+    ]
+    if config.stop_after is not None:
+        instruments.append(StopAfter(config.stop_after))
     # Non-finite weights and activations are handled where they matter (such layers stay float,
     # calibration ranges cover finite values); numpy's multi-line warnings about them are noise.
     with np.errstate(all="ignore"):
-        graph = manager.run(
-            graph,
-            ctx,
-            stop_after=config.stop_after,
-            dump_after=config.dump_after,
-            dump=dump,
-            # pages of mapped weights that a pass read count as this process's memory until handed back
-            after_each=source.release,
-        )
+        graph = manager.run(graph, ctx, instruments)
     return graph, ctx
 
 

@@ -7,7 +7,6 @@ as one line; anything else that escapes is a bug in ocs-onnx (exit code ``INTERN
 from __future__ import annotations
 
 # Exit codes (documented in the README; scripts in a deployment pipeline rely on them).
-OK = 0
 INTERNAL = 1
 USAGE = 2
 INVALID_MODEL = 3

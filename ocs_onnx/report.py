@@ -4,12 +4,35 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
 from . import __version__
-from .context import CompileContext, LayerPlan
+from .config import CompileConfig
+from .context import CompileContext, Facts
+from .facts import (
+    ACTIVATION_CLIPPING,
+    ACTIVATION_PLAN,
+    ACTIVATION_QPARAMS,
+    ACTIVATION_SPLITS,
+    ACTIVATION_STATISTICS,
+    CALIBRATION,
+    KEPT_FLOAT,
+    LAYERS,
+    VERIFICATION,
+    WEIGHT_QUALITY,
+    WEIGHT_SCALES,
+    WEIGHT_SPLITS,
+    ActivationSplits,
+    Layer,
+    WeightQuality,
+    WeightScale,
+    WeightSplit,
+    activations_to_quantize,
+    observed,
+)
 
 
 def _weight_count(model: onnx.ModelProto) -> int:
@@ -30,98 +53,151 @@ def _round(value: float | None, digits: int = 3) -> float | None:
     return None if value is None or not math.isfinite(value) else round(float(value), digits)
 
 
-def combined_sqnr_db(plans: list[LayerPlan], attribute: str) -> float | None:
+def combined_sqnr_db(qualities: list[WeightQuality], attribute: str) -> float | None:
     """SQNR of all quantized weights taken together: total signal energy over total noise."""
     signal = noise = 0.0
-    for plan in plans:
-        energy = plan.weight_energy
-        if energy is None:
-            energy = float(np.sum(np.square(plan.original_weight, dtype=np.float64)))
-        value = getattr(plan, attribute)
-        signal += energy
-        noise += 0.0 if value is None else energy / 10 ** (value / 10)
+    for quality in qualities:
+        value = getattr(quality, attribute)
+        signal += quality.energy
+        noise += 0.0 if value is None else quality.energy / 10 ** (value / 10)
     return None if noise == 0.0 or signal == 0.0 else 10 * math.log10(signal / noise)
 
 
-def layer_entry(plan: LayerPlan, ctx: CompileContext) -> dict:
-    original = plan.original_weight
-    split_channels = plan.channel_origins[original.shape[plan.weight_in_axis] :] if plan.channel_origins else []
-    model_shape = list(original.shape)
-    model_shape[plan.weight_in_axis] -= len(plan.activation_copies)
+@dataclass(frozen=True)
+class _LayerView:
+    """What the passes that ran found about one layer (None: the pass did not run)."""
+
+    layer: Layer
+    copied_channels: list[int]
+    weight_shape: list[int]  # as the layer reads it before weight OCS
+    split: WeightSplit | None
+    scale: WeightScale | None
+    quality: WeightQuality | None
+
+    @property
+    def splits(self) -> list[int]:
+        return self.split.splits if self.split is not None else []
+
+    @property
+    def weight_shape_after(self) -> list[int]:
+        return list(self.split.constant.shape) if self.splits else self.weight_shape
+
+    @property
+    def not_split_reason(self) -> str | None:
+        return self.split.not_split_reason if self.split is not None else self.layer.split_refused
+
+
+def _layer_views(facts: Facts) -> list[_LayerView]:
+    activation_splits = facts.get(ACTIVATION_SPLITS, ActivationSplits())
+    weight_splits = facts.get(WEIGHT_SPLITS)
+    scales, qualities = facts.get(WEIGHT_SCALES, {}), facts.get(WEIGHT_QUALITY, {})
+    views = []
+    for layer in facts.get(LAYERS, []):
+        views.append(
+            _LayerView(
+                layer,
+                activation_splits.copied_channels.get(layer.name, []),
+                list(activation_splits.weight_of(layer).shape),
+                weight_splits.layers[layer.name] if weight_splits is not None else None,
+                scales.get(layer.name),
+                qualities.get(layer.name),
+            )
+        )
+    return views
+
+
+def layer_entry(view: _LayerView, config: CompileConfig) -> dict:
+    layer, scale, quality = view.layer, view.scale, view.quality
+    split_channels = view.split.channel_origins[view.split.input_channels :] if view.split is not None else []
     return {
-        "name": plan.name,
-        "op": plan.op,
-        "weight_shape": model_shape,
-        "weight_shape_after": list(plan.weight.shape) if plan.splits else list(original.shape),
-        "split": bool(plan.splits),
-        "not_split_reason": plan.not_split_reason,
-        "channels_split": len(plan.splits),
+        "name": layer.name,
+        "op": layer.op,
+        "weight_shape": list(layer.model_weight.shape),
+        "weight_shape_after": view.weight_shape_after,
+        "split": bool(view.splits),
+        "not_split_reason": view.not_split_reason,
+        "channels_split": len(view.splits),
         "split_channels": [int(c) for c in split_channels],
-        "activation_copies": [int(c) for c in plan.activation_copies],
-        "bits": ctx.config.weight_bits,
-        "granularity": ctx.config.granularity,
-        "scale": _scale_value(plan.scale) if plan.scale is not None else None,
+        "activation_copies": [int(c) for c in view.copied_channels],
+        "bits": config.weight_bits,
+        "granularity": config.granularity,
+        "scale": _scale_value(scale.scale) if scale is not None else None,
         "clip": {
-            "method": ctx.config.wclip,
-            "threshold": _scale_value(plan.clip_threshold) if plan.clip_threshold is not None else None,
-            "max_abs": _scale_value(plan.max_abs) if plan.max_abs is not None else None,
+            "method": config.wclip,
+            "threshold": _scale_value(scale.clip_threshold) if scale is not None else None,
+            "max_abs": _scale_value(scale.max_abs) if scale is not None else None,
         },
-        "sqnr_db": {"without_ocs": _round(plan.sqnr_without_ocs_db), "with_ocs": _round(plan.sqnr_with_ocs_db)},
+        "sqnr_db": {
+            "without_ocs": _round(quality.sqnr_without_ocs_db) if quality is not None else None,
+            "with_ocs": _round(quality.sqnr_with_ocs_db) if quality is not None else None,
+        },
     }
 
 
-def activation_entry(name: str, qp, ctx: CompileContext) -> dict:
-    source = ctx.activations[name]
-    lo, hi = ctx.activation_ranges[source]
-    split = ctx.activation_splits.get(source)
-    return {
-        "scale": qp.scale,
-        "zero_point": qp.zero_point,
-        "type": np.dtype(qp.dtype).name,
-        "shares_parameters_of": source if source != name else None,
-        "range": [lo, hi],
-        "clip": {
-            "method": ctx.config.aclip,
-            "threshold": ctx.activation_clip_thresholds.get(source),
-            "max_abs": max(abs(lo), abs(hi)),
-            "range": list(ctx.activation_clipped_ranges[source]),
-        },
-        "split": {"of": split.tensor, "channels": split.channels} if split is not None else None,
-        "sqnr_db": _round(ctx.activation_sqnr_db.get(source)),
-    }
+def _activation_entries(facts: Facts, config: CompileConfig) -> dict:
+    qparams = facts.get(ACTIVATION_QPARAMS, {})
+    if not qparams:
+        return {}
+    splits, statistics = facts.get(ACTIVATION_SPLITS), facts.get(ACTIVATION_STATISTICS)
+    clipping = facts.get(ACTIVATION_CLIPPING)
+    sources = activations_to_quantize(facts.get(ACTIVATION_PLAN), splits, facts.get(WEIGHT_SPLITS))
+    entries = {}
+    for name, qp in qparams.items():
+        source = sources[name]
+        (lo, hi), _ = observed(source, statistics, splits)
+        split = splits.splits.get(source)
+        entries[name] = {
+            "scale": qp.scale,
+            "zero_point": qp.zero_point,
+            "type": np.dtype(qp.dtype).name,
+            "shares_parameters_of": source if source != name else None,
+            "range": [lo, hi],
+            "clip": {
+                "method": config.aclip,
+                "threshold": clipping.thresholds.get(source),
+                "max_abs": max(abs(lo), abs(hi)),
+                "range": list(clipping.clipped_ranges[source]),
+            },
+            "split": {"of": split.tensor, "channels": split.channels} if split is not None else None,
+            "sqnr_db": _round(clipping.sqnr_db.get(source)),
+        }
+    return entries
 
 
 def build_report(ctx: CompileContext, model_in, output: tuple[int, int]) -> dict:
     """The report of a compile; ``model_in`` is the loaded input (``ModelSource``), ``output``
     the output's (parameter count, bytes)."""
-    layers = [layer_entry(plan, ctx) for plan in ctx.layers]
-    weights_before = int(sum(p.model_weight_size for p in ctx.layers))
-    weights_after = int(sum(np.prod(p.weight.shape if p.splits else p.original_weight.shape) for p in ctx.layers))
+    facts, config = ctx.facts, ctx.config
+    views = _layer_views(facts)
+    qualities = [view.quality for view in views if view.quality is not None]
+    activation_splits = facts.get(ACTIVATION_SPLITS, ActivationSplits()).splits
+    weights_before = int(sum(view.layer.model_weight.size for view in views))
+    weights_after = int(sum(np.prod(view.weight_shape_after) for view in views))
     params_before = _weight_count(model_in.proto)
     params_after, bytes_after = output
-    activations = {name: activation_entry(name, qp, ctx) for name, qp in ctx.activation_qparams.items()}
+    calibration = facts.get(CALIBRATION)
     return {
         "ocs_onnx_version": __version__,
         "source": ctx.source,
-        "config": ctx.config.as_dict(),
-        "normalization": ctx.normalization,
-        "layers": layers,
-        "kept_float": ctx.kept_float,
-        "activations": activations,
-        "calibration": ctx.calibration,
-        "onnxruntime": ctx.verification,
+        "config": config.as_dict(),
+        "normalization": {key: value for counts in ctx.statistics.values() for key, value in counts.items()},
+        "layers": [layer_entry(view, config) for view in views],
+        "kept_float": facts.get(KEPT_FLOAT, {}),
+        "activations": _activation_entries(facts, config),
+        "calibration": calibration.summary if calibration is not None else {},
+        "onnxruntime": facts.get(VERIFICATION, {}),
         "totals": {
-            "quantized_layers": len(ctx.layers),
-            "split_layers": sum(1 for p in ctx.layers if p.splits),
-            "channels_split": sum(len(p.splits) for p in ctx.layers),
-            "activations_split": len(ctx.activation_splits),
-            "activation_channels_split": sum(len(s.channels) for s in ctx.activation_splits.values()),
+            "quantized_layers": len(views),
+            "split_layers": sum(1 for view in views if view.splits),
+            "channels_split": sum(len(view.splits) for view in views),
+            "activations_split": len(activation_splits),
+            "activation_channels_split": sum(len(s.channels) for s in activation_splits.values()),
             "quantized_weights_before": weights_before,
             "quantized_weights_after": weights_after,
             "weight_overhead": (weights_after / weights_before - 1.0) if weights_before else 0.0,
             "weight_sqnr_db": {
-                "without_ocs": _round(combined_sqnr_db(ctx.layers, "sqnr_without_ocs_db")),
-                "with_ocs": _round(combined_sqnr_db(ctx.layers, "sqnr_with_ocs_db")),
+                "without_ocs": _round(combined_sqnr_db(qualities, "sqnr_without_ocs_db")),
+                "with_ocs": _round(combined_sqnr_db(qualities, "sqnr_with_ocs_db")),
             },
             "parameters_before": params_before,
             "parameters_after": params_after,

@@ -1,4 +1,5 @@
-"""The rewriting passes of ocs-onnx, one file each, in pipeline order."""
+"""The passes of ocs-onnx, one file each (activation OCS and its offsets share one), and the
+default pipeline. Installed as ``ocs_onnx.passes``."""
 
 from . import (
     activation_ocs,
@@ -21,22 +22,22 @@ from . import (
 )
 
 DEFAULT_PASSES = [
-    names.PASS,
-    constants.PASS,
-    opset.PASS,
-    batchnorm.PASS,
-    shapes.PASS,
-    linear.PASS,
-    select.PASS,
-    activations.PASS,
-    calibrate.PASS,
-    activation_ocs.PASS,
-    weight_ocs.PASS,
-    clip_weights.PASS,
-    qa_split.PASS,
-    quantize_weights.PASS,
-    clip_activations.PASS,
-    activation_ocs.QA_PASS,
-    quantize_activations.PASS,
-    verify.PASS,
+    names.name_nodes,
+    constants.constants_to_initializers,
+    opset.upgrade_opset,
+    batchnorm.fold_batchnorm,
+    shapes.infer_shapes,
+    linear.canonicalize_linear,
+    select.select_layers,
+    activations.plan_activations,
+    calibrate.calibrate,
+    activation_ocs.activation_ocs,
+    weight_ocs.weight_ocs,
+    clip_weights.clip_weights,
+    qa_split.qa_split,
+    quantize_weights.quantize_weights,
+    clip_activations.clip_activations,
+    activation_ocs.activation_qa_split,
+    quantize_activations.quantize_activations,
+    verify.verify_onnxruntime,
 ]

@@ -25,12 +25,22 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ocs_onnx.context import ActivationSplit, CompileContext, LayerPlan
+from ocs_onnx.channels import append_channel_copies
+from ocs_onnx.context import CompileContext
+from ocs_onnx.facts import (
+    ACTIVATION_PLAN,
+    ACTIVATION_QPARAMS,
+    ACTIVATION_SPLITS,
+    ACTIVATION_STATISTICS,
+    LAYERS,
+    QA_ACTIVATION_OFFSETS,
+    ActivationSplit,
+    ActivationSplits,
+    Layer,
+)
 from ocs_onnx.histogram import ChannelHistograms, SymmetricHistogram, halve
-from ocs_onnx.pass_manager import Pass
+from ocs_onnx.pass_manager import GraphEffect, compiler_pass
 from ocs_onnx.quant import activation_split_factors, plan_activation_splits
-
-from .channels import append_channel_copies
 
 # Paper sec. 5.3: channels are ranked by their count of values beyond this percentile.
 OUTLIER_PERCENTILE = 99.0
@@ -47,22 +57,22 @@ def split_statistics(histograms: ChannelHistograms, split: list[int]) -> tuple[t
     return (float(lo.min()), float(hi.max())), histogram
 
 
-def _broadcast_shape(plan: LayerPlan, channels: int) -> tuple[int, ...]:
+def _broadcast_shape(layer: Layer, channels: int) -> tuple[int, ...]:
     """Shape of a per-channel constant that broadcasts along the layer input's channel axis."""
-    axis = plan.input_channel_axis
+    axis = layer.input_channel_axis
     if axis < 0:
         trailing = -axis - 1
     else:
-        rank = plan.original_weight.ndim if plan.op == "Conv" else 2
+        rank = layer.model_weight.ndim if layer.op == "Conv" else 2
         trailing = rank - 1 - axis
     return (channels,) + (1,) * trailing
 
 
-def _split_tensor(ctx: CompileContext, x: gs.Variable, axis: int, split: list[int], plan: LayerPlan) -> tuple:
+def _split_tensor(ctx: CompileContext, x: gs.Variable, axis: int, split: list[int], layer: Layer) -> tuple:
     """The nodes computing x_s from x, x_s, and the offset constant (None for --split naive)."""
-    channels = plan.input_channels
+    channels = layer.model_weight.shape[layer.weight_in_axis]
     factor, offset_steps = activation_split_factors(channels, split)
-    shape = _broadcast_shape(plan, channels + len(split))
+    shape = _broadcast_shape(layer, channels + len(split))
     nodes, _, widened = append_channel_copies(ctx, f"{x.name}_act_ocs", x, axis, split)
     factor_constant = gs.Constant(ctx.unique_name(f"{x.name}_act_ocs_factor"), factor.reshape(shape))
     halved = gs.Variable(ctx.unique_name(f"{x.name}_act_ocs_halved"), dtype=x.dtype, shape=widened.shape)
@@ -77,26 +87,32 @@ def _split_tensor(ctx: CompileContext, x: gs.Variable, axis: int, split: list[in
     return nodes, split_x, offset, offset_steps.reshape(shape)
 
 
-def _duplicate_weight_rows(ctx: CompileContext, plan: LayerPlan, split: list[int]) -> None:
-    w = plan.original_weight
-    widened = np.concatenate([w, np.take(w, split, axis=plan.weight_in_axis)], axis=plan.weight_in_axis)
-    plan.weight = gs.Constant(ctx.unique_name(f"{plan.weight.name}_act_ocs"), widened)
-    plan.node.inputs[1] = plan.weight
-    plan.original_weight = widened
-    plan.activation_copies = list(split)
+def _duplicate_weight_rows(ctx: CompileContext, layer: Layer, split: list[int]) -> gs.Constant:
+    """The layer reads a weight with the rows of the copied channels appended; returns it."""
+    w = layer.model_weight
+    widened = np.concatenate([w, np.take(w, split, axis=layer.weight_in_axis)], axis=layer.weight_in_axis)
+    weight = gs.Constant(ctx.unique_name(f"{layer.weight.name}_act_ocs"), widened)
+    layer.node.inputs[1] = weight
+    return weight
 
 
-def run(graph: gs.Graph, ctx: CompileContext) -> None:
+@compiler_pass("activation-ocs", requires=(LAYERS, ACTIVATION_PLAN, ACTIVATION_STATISTICS),
+               produces=(ACTIVATION_SPLITS,), effect=GraphEffect.EDITS)
+def activation_ocs(graph: gs.Graph, ctx: CompileContext) -> None:
+    """`--act-ratio`: the channels with the most values beyond the 99th percentile are copied
+    and halved (`Concat(x, Slice(x, c), ...) * f`), the layers' weight rows duplicated."""
     ratio = ctx.config.act_ratio
     if ratio <= 0 or ctx.config.abits is None:
+        ctx.facts[ACTIVATION_SPLITS] = ActivationSplits()
         return
+    result = ActivationSplits()
+    statistics = ctx.facts[ACTIVATION_STATISTICS]
     tensors = graph.tensors()
-    readers: dict[str, list[LayerPlan]] = {}
-    for plan in ctx.layers:
-        readers.setdefault(plan.node.inputs[0].name, []).append(plan)
-    replaced: dict[str, str] = {}
-    for name, (axis, _) in ctx.activation_split_candidates.items():
-        histograms = ctx.activation_channel_histograms.get(name)
+    readers: dict[str, list[Layer]] = {}
+    for layer in ctx.facts[LAYERS]:
+        readers.setdefault(layer.node.inputs[0].name, []).append(layer)
+    for name, (axis, _) in ctx.facts[ACTIVATION_PLAN].split_candidates.items():
+        histograms = statistics.channel_histograms.get(name)
         if histograms is None or histograms.limit == 0.0:
             continue
         split = plan_activation_splits(histograms.counts_beyond_percentile(OUTLIER_PERCENTILE), ratio)
@@ -105,32 +121,23 @@ def run(graph: gs.Graph, ctx: CompileContext) -> None:
         x = tensors[name]
         nodes, split_x, offset, offset_steps = _split_tensor(ctx, x, axis, split, readers[name][0])
         graph.nodes.extend(nodes)
-        for plan in readers[name]:
-            plan.node.inputs[0] = split_x
-            _duplicate_weight_rows(ctx, plan, split)
-        ctx.activation_ranges[split_x.name], ctx.activation_histograms[split_x.name] = split_statistics(
-            histograms, split
-        )
-        ctx.activation_splits[split_x.name] = ActivationSplit(name, split, offset, offset_steps)
-        replaced[name] = split_x.name
-    # x_s takes x's place (and position: the order of Q/DQ insertion) among the planned tensors.
-    ctx.activations = {replaced.get(n, n): replaced.get(s, s) for n, s in ctx.activations.items()}
+        for layer in readers[name]:
+            layer.node.inputs[0] = split_x
+            result.widened_weights[layer.name] = _duplicate_weight_rows(ctx, layer, split)
+            result.copied_channels[layer.name] = list(split)
+        split_range, split_histogram = split_statistics(histograms, split)
+        result.splits[split_x.name] = ActivationSplit(name, split, offset, offset_steps, split_range, split_histogram)
+    ctx.facts[ACTIVATION_SPLITS] = result
 
 
-def fill_offsets(graph: gs.Graph, ctx: CompileContext) -> None:
-    for name, split in ctx.activation_splits.items():
+@compiler_pass("activation-qa-split", requires=(ACTIVATION_SPLITS, ACTIVATION_QPARAMS),
+               produces=(QA_ACTIVATION_OFFSETS,), effect=GraphEffect.EDITS)
+def activation_qa_split(graph: gs.Graph, ctx: CompileContext) -> None:
+    """The activation OCS offsets: -s/4 and +s/4 with the split tensor's final step s (`--split
+    qa`)."""
+    qparams = ctx.facts[ACTIVATION_QPARAMS]
+    for name, split in ctx.facts[ACTIVATION_SPLITS].splits.items():
         if split.offset is not None:
-            step = np.float32(ctx.activation_qparams[name].scale)
+            step = np.float32(qparams[name].scale)
             split.offset.values = (split.offset_steps * step).astype(np.float32)
-
-
-PASS = Pass(
-    "activation-ocs",
-    "split the activation channels with the most calibration outliers (--act-ratio): copies halved, weight rows duplicated",
-    run,
-)
-QA_PASS = Pass(
-    "activation-qa-split",
-    "set the quantization-aware offsets (+-1/4 step) of split activations (--split qa)",
-    fill_offsets,
-)
+    ctx.facts[QA_ACTIVATION_OFFSETS] = True

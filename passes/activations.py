@@ -25,8 +25,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ocs_onnx.context import CompileContext, LayerPlan
-from ocs_onnx.pass_manager import Pass
+from ocs_onnx.context import CompileContext
+from ocs_onnx.facts import ACTIVATION_PLAN, LAYERS, TENSOR_TYPES, ActivationPlan, Layer
+from ocs_onnx.pass_manager import compiler_pass
 
 # Activations onnxruntime folds into the quantization of the tensor after them.
 FOLDABLE_ACTIVATIONS = ("Relu", "Clip")
@@ -48,7 +49,7 @@ def _output_to_quantize(node: gs.Node, graph_outputs: set[str]) -> gs.Tensor:
     return out
 
 
-def _resolve_sources(planned: dict[str, str], tensors: dict[str, gs.Tensor], ctx: CompileContext) -> None:
+def _resolve_sources(planned: dict[str, str], tensors: dict[str, gs.Tensor]) -> None:
     """Points every planned tensor at the tensor whose parameters it must share.
 
     Behind a data-movement op whose input is quantized anyway, a tensor holds a subset of that
@@ -66,39 +67,41 @@ def _resolve_sources(planned: dict[str, str], tensors: dict[str, gs.Tensor], ctx
         planned[name] = source(name)
 
 
-def run(graph: gs.Graph, ctx: CompileContext) -> None:
-    ctx.activations = {}
+@compiler_pass("plan-activations", requires=(LAYERS, TENSOR_TYPES), produces=(ACTIVATION_PLAN,))
+def plan_activations(graph: gs.Graph, ctx: CompileContext) -> None:
+    """Which activations get QuantizeLinear/DequantizeLinear pairs (layer inputs, Conv outputs);
+    with `--act-ratio`, which of them activation OCS may split."""
     if ctx.config.abits is None:
+        ctx.facts[ACTIVATION_PLAN] = ActivationPlan({})
         return
+    layers = ctx.facts[LAYERS]
     graph_outputs = {t.name for t in graph.outputs}
     planned: dict[str, str] = {}
-    for plan in ctx.layers:
-        x = plan.node.inputs[0]
+    for layer in layers:
+        x = layer.node.inputs[0]
         if not _is_float(x):
             continue
         planned[x.name] = x.name
-        if plan.op == "Conv":
-            out = _output_to_quantize(plan.node, graph_outputs)
+        if layer.op == "Conv":
+            out = _output_to_quantize(layer.node, graph_outputs)
             if _is_float(out):
                 planned[out.name] = out.name
-    _resolve_sources(planned, graph.tensors(), ctx)
-    ctx.activations = planned
-    if ctx.config.act_ratio > 0:
-        ctx.activation_split_candidates = _split_candidates(ctx, graph_outputs)
+    _resolve_sources(planned, graph.tensors())
+    candidates = _split_candidates(layers, planned, graph_outputs) if ctx.config.act_ratio > 0 else {}
+    ctx.facts[ACTIVATION_PLAN] = ActivationPlan(planned, candidates)
 
 
-def _split_candidates(ctx: CompileContext, graph_outputs: set[str]) -> dict[str, tuple[int, int]]:
-    readers: dict[str, list[LayerPlan]] = {}
-    for plan in ctx.layers:
-        readers.setdefault(plan.node.inputs[0].name, []).append(plan)
+def _split_candidates(
+    layers: list[Layer], planned: dict[str, str], graph_outputs: set[str]
+) -> dict[str, tuple[int, int]]:
+    readers: dict[str, list[Layer]] = {}
+    for layer in layers:
+        readers.setdefault(layer.node.inputs[0].name, []).append(layer)
     candidates = {}
-    for name, plans in readers.items():
-        x = plans[0].node.inputs[0]
-        layouts = {(p.input_channel_axis, p.input_channels) for p in plans}
-        private = len(x.outputs) == len(plans) and all(p.splittable for p in plans)
-        if private and len(layouts) == 1 and ctx.activations.get(name) == name and name not in graph_outputs:
+    for name, group in readers.items():
+        x = group[0].node.inputs[0]
+        layouts = {(layer.input_channel_axis, layer.model_weight.shape[layer.weight_in_axis]) for layer in group}
+        private = len(x.outputs) == len(group) and all(layer.splittable for layer in group)
+        if private and len(layouts) == 1 and planned.get(name) == name and name not in graph_outputs:
             candidates[name] = layouts.pop()
     return candidates
-
-
-PASS = Pass("plan-activations", "choose the activation tensors to quantize (layer inputs, Conv outputs)", run)

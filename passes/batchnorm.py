@@ -11,7 +11,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ocs_onnx.context import CompileContext
-from ocs_onnx.pass_manager import Pass
+from ocs_onnx.facts import BATCHNORMS_FOLDED, CONSTANT_WEIGHTS
+from ocs_onnx.pass_manager import GraphEffect, compiler_pass
 
 
 def _foldable(conv: gs.Node, bn: gs.Node, graph_outputs: set[str]) -> bool:
@@ -35,7 +36,10 @@ def fold_batchnorm_into_conv(w, b, gamma, beta, mean, var, eps):
     return w_folded.astype(w.dtype), b_folded.astype(w.dtype)
 
 
-def run(graph: gs.Graph, ctx: CompileContext) -> None:
+@compiler_pass("fold-batchnorm", requires=(CONSTANT_WEIGHTS,), produces=(BATCHNORMS_FOLDED,),
+               effect=GraphEffect.REWRITES)
+def fold_batchnorm(graph: gs.Graph, ctx: CompileContext) -> None:
+    """BatchNormalization after Conv folds into the Conv's weights and bias."""
     graph_outputs = {t.name for t in graph.outputs}
     folded = 0
     for conv in list(graph.nodes):
@@ -63,7 +67,5 @@ def run(graph: gs.Graph, ctx: CompileContext) -> None:
         bn.inputs.clear()
         conv.outputs[0] = bn_out
         folded += 1
-    ctx.normalization["batchnorms_folded"] = folded
-
-
-PASS = Pass("fold-batchnorm", "fold BatchNormalization after Conv into the Conv's weights and bias", run)
+    ctx.count(batchnorms_folded=folded)
+    ctx.facts[BATCHNORMS_FOLDED] = True

@@ -10,6 +10,7 @@ import onnx_graphsurgeon as gs
 
 from ocs_onnx.calibration import (
     InputSpec,
+    integer_input_limits,
     model_input_specs,
     observe_ranges,
     open_calibration_data,
@@ -17,23 +18,9 @@ from ocs_onnx.calibration import (
 )
 from ocs_onnx.context import CompileContext, log
 from ocs_onnx.errors import CalibrationDataError
-from ocs_onnx.model_io import constant_array, graph_skeleton
-from ocs_onnx.pass_manager import Pass
-
-
-def integer_input_limits(graph: gs.Graph) -> dict[str, int]:
-    """For integer inputs used as Gather indices into a constant table (token ids), the table
-    size along the gathered axis: synthetic ids must stay below it."""
-    limits = {}
-    for tensor in graph.inputs:
-        for consumer in tensor.outputs:
-            if consumer.op == "Gather" and consumer.inputs[1] is tensor and isinstance(consumer.inputs[0], gs.Constant):
-                axis, shape = consumer.attrs.get("axis", 0), consumer.inputs[0].shape
-                if not isinstance(axis, int) or not -len(shape) <= axis < len(shape):
-                    continue  # a malformed axis: running the model reports it
-                size = shape[axis]
-                limits[tensor.name] = min(limits.get(tensor.name, size), size)
-    return limits
+from ocs_onnx.facts import ACTIVATION_PLAN, ACTIVATION_STATISTICS, CALIBRATION, ActivationStatistics, Calibration
+from ocs_onnx.gs_adapter import constant_array, graph_skeleton
+from ocs_onnx.pass_manager import compiler_pass
 
 
 def _batch_size(specs: list[InputSpec], requested: int) -> int:
@@ -56,11 +43,16 @@ def _progress(total: int):
     return show
 
 
-def run(graph: gs.Graph, ctx: CompileContext) -> None:
+@compiler_pass("calibrate", requires=(ACTIVATION_PLAN,), produces=(ACTIVATION_STATISTICS, CALIBRATION))
+def calibrate(graph: gs.Graph, ctx: CompileContext) -> None:
+    """The float model runs in onnxruntime on the calibration data: running min/max and a
+    streaming histogram per tensor (per channel for activation OCS candidates)."""
     config = ctx.config
     if config.abits is None:
-        ctx.calibration = {"source": "none (weight-only quantization)", "samples": 0}
+        ctx.facts[CALIBRATION] = Calibration({"source": "none (weight-only quantization)", "samples": 0}, None)
+        ctx.facts[ACTIVATION_STATISTICS] = ActivationStatistics({}, {}, {})
         return
+    plan = ctx.facts[ACTIVATION_PLAN]
     # The model without its large weights: onnxruntime reads them from the arrays the graph
     # holds (mapped from the input's data file, say) instead of from a copy.
     model, left_out = graph_skeleton(graph)
@@ -89,24 +81,19 @@ def run(graph: gs.Graph, ctx: CompileContext) -> None:
     fixed_batch = any(s.batch_dim is not None for s in specs)
     if fixed_batch:
         batches = (feed for feed in batches if next(iter(feed.values())).shape[0] == batch)
-    names = sorted(set(ctx.activations.values()))
+    names = sorted(set(plan.tensors.values()))
     result = observe_ranges(
         model,
         names,
         batches,
         specs,
         on_batch=_progress(total),
-        channel_layouts=ctx.activation_split_candidates,
+        channel_layouts=plan.split_candidates,
         synthetic_feed=synthetic_feed,
         constants=constants,
     )
     if result.samples == 0:
         raise CalibrationDataError(f"no calibration samples could be used (the model needs batches of exactly {batch})")
-    ctx.activation_ranges = result.ranges
-    ctx.activation_histograms = result.histograms
-    ctx.activation_channel_histograms = result.channel_histograms
-    ctx.reference_batch = result.reference
-    ctx.calibration = {"source": source, "samples": result.samples, "batch": batch, "observed_tensors": len(names)}
-
-
-PASS = Pass("calibrate", "run the float model in onnxruntime on calibration inputs; record activation ranges", run)
+    ctx.facts[ACTIVATION_STATISTICS] = ActivationStatistics(result.ranges, result.histograms, result.channel_histograms)
+    summary = {"source": source, "samples": result.samples, "batch": batch, "observed_tensors": len(names)}
+    ctx.facts[CALIBRATION] = Calibration(summary, result.reference)

@@ -22,8 +22,19 @@ from ocs_onnx.clip import (
 )
 from ocs_onnx.config import CompileConfig
 from ocs_onnx.context import CompileContext
+from ocs_onnx.facts import (
+    ACTIVATION_CLIPPING,
+    ACTIVATION_PLAN,
+    ACTIVATION_QPARAMS,
+    ACTIVATION_SPLITS,
+    ACTIVATION_STATISTICS,
+    WEIGHT_SPLITS,
+    ActivationClipping,
+    activations_to_quantize,
+    observed,
+)
 from ocs_onnx.histogram import SymmetricHistogram
-from ocs_onnx.pass_manager import Pass
+from ocs_onnx.pass_manager import compiler_pass
 from ocs_onnx.quant import (
     ActivationQParams,
     asymmetric_uint8_qparams,
@@ -59,28 +70,30 @@ def activation_threshold(histogram: SymmetricHistogram, lo: float, config: Compi
     return percentile_threshold_histogram(counts, edges, config.percentile)
 
 
-def run(graph: gs.Graph, ctx: CompileContext) -> None:
+@compiler_pass("clip-activations",
+               requires=(ACTIVATION_PLAN, ACTIVATION_STATISTICS, ACTIVATION_SPLITS, WEIGHT_SPLITS),
+               produces=(ACTIVATION_QPARAMS, ACTIVATION_CLIPPING))
+def clip_activations(graph: gs.Graph, ctx: CompileContext) -> None:
+    """Activation ranges clipped by `--aclip` on the calibration histograms; Q/DQ parameters."""
     config = ctx.config
-    if config.abits is None:
-        return
-    ctx.activation_clipped_ranges = {}
-    for source in dict.fromkeys(ctx.activations.values()):
-        lo, hi = ctx.activation_ranges[source]
-        histogram = ctx.activation_histograms.get(source)
-        if config.aclip != "none" and histogram is not None and histogram.limit > 0:
-            alpha = activation_threshold(histogram, lo, config)
-            ctx.activation_clip_thresholds[source] = alpha
-            if alpha > 0:
-                lo, hi = max(lo, -alpha), min(hi, alpha)
-        ctx.activation_clipped_ranges[source] = (lo, hi)
-        qp = activation_qparams(lo, hi, config.abits, config.activation_type)
-        if histogram is not None and histogram.limit > 0:
-            ctx.activation_sqnr_db[source] = histogram_sqnr_db(histogram.counts, histogram.edges, qp, config.abits)
-    for name, source in ctx.activations.items():
-        lo, hi = ctx.activation_clipped_ranges[source]
-        ctx.activation_qparams[name] = activation_qparams(lo, hi, config.abits, config.activation_type)
-
-
-PASS = Pass(
-    "clip-activations", "activation ranges clipped by --aclip on the calibration histograms; Q/DQ parameters", run
-)
+    clipping = ActivationClipping({}, {}, {})
+    qparams = {}
+    if config.abits is not None:
+        splits, statistics = ctx.facts[ACTIVATION_SPLITS], ctx.facts[ACTIVATION_STATISTICS]
+        tensors = activations_to_quantize(ctx.facts[ACTIVATION_PLAN], splits, ctx.facts[WEIGHT_SPLITS])
+        for source in dict.fromkeys(tensors.values()):
+            (lo, hi), histogram = observed(source, statistics, splits)
+            if config.aclip != "none" and histogram is not None and histogram.limit > 0:
+                alpha = activation_threshold(histogram, lo, config)
+                clipping.thresholds[source] = alpha
+                if alpha > 0:
+                    lo, hi = max(lo, -alpha), min(hi, alpha)
+            clipping.clipped_ranges[source] = (lo, hi)
+            qp = activation_qparams(lo, hi, config.abits, config.activation_type)
+            if histogram is not None and histogram.limit > 0:
+                clipping.sqnr_db[source] = histogram_sqnr_db(histogram.counts, histogram.edges, qp, config.abits)
+        for name, source in tensors.items():
+            lo, hi = clipping.clipped_ranges[source]
+            qparams[name] = activation_qparams(lo, hi, config.abits, config.activation_type)
+    ctx.facts[ACTIVATION_CLIPPING] = clipping
+    ctx.facts[ACTIVATION_QPARAMS] = qparams

@@ -10,14 +10,17 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 from ocs_onnx.context import CompileContext
-from ocs_onnx.pass_manager import Pass
+from ocs_onnx.facts import CONSTANT_WEIGHTS
+from ocs_onnx.pass_manager import GraphEffect, compiler_pass
 
 # Folding never produces a constant larger than this: an Expand/Tile of a small constant can
 # blow up into a tensor far bigger than the subgraph that computes it.
 MAX_FOLDED_BYTES = 64 << 20
 
 
-def run(graph: gs.Graph, ctx: CompileContext) -> None:
+@compiler_pass("constants-to-initializers", produces=(CONSTANT_WEIGHTS,), effect=GraphEffect.REWRITES)
+def constants_to_initializers(graph: gs.Graph, ctx: CompileContext) -> None:
+    """Constant nodes and constant subgraphs become initializers."""
     before = sum(1 for n in graph.nodes if n.op == "Constant")
     # onnx-graphsurgeon folds Constant nodes and evaluates constant subgraphs with onnxruntime.
     # Existing QuantizeLinear/DequantizeLinear nodes are left alone: they belong to the model.
@@ -27,7 +30,5 @@ def run(graph: gs.Graph, ctx: CompileContext) -> None:
     )
     graph.cleanup()
     after = sum(1 for n in graph.nodes if n.op == "Constant")
-    ctx.normalization["constant_nodes_folded"] = before - after
-
-
-PASS = Pass("constants-to-initializers", "fold Constant nodes and constant subgraphs into initializers", run)
+    ctx.count(constant_nodes_folded=before - after)
+    ctx.facts[CONSTANT_WEIGHTS] = True

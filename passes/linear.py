@@ -14,7 +14,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ocs_onnx.context import CompileContext
-from ocs_onnx.pass_manager import Pass
+from ocs_onnx.facts import CONSTANT_WEIGHTS, LINEAR_CANONICAL, TENSOR_TYPES
+from ocs_onnx.pass_manager import GraphEffect, compiler_pass
 
 
 def _constant_bias(add: gs.Node, matmul_out: gs.Variable, columns: int) -> gs.Constant | None:
@@ -79,10 +80,12 @@ def fold_gemm_scalars(graph: gs.Graph, ctx: CompileContext) -> int:
     return folded
 
 
-def run(graph: gs.Graph, ctx: CompileContext) -> None:
-    ctx.normalization["matmul_add_to_gemm"] = fuse_matmul_add(graph, ctx)
+# the fusion needs the rank of the MatMul's input, and a constant weight and bias
+@compiler_pass("canonicalize-linear", requires=(TENSOR_TYPES, CONSTANT_WEIGHTS), produces=(LINEAR_CANONICAL,),
+               effect=GraphEffect.REWRITES)
+def canonicalize_linear(graph: gs.Graph, ctx: CompileContext) -> None:
+    """`MatMul + Add` on 2-D inputs becomes `Gemm`; Gemm alpha/beta fold into constants."""
+    ctx.count(matmul_add_to_gemm=fuse_matmul_add(graph, ctx))
     graph.cleanup()
-    ctx.normalization["gemm_scalars_folded"] = fold_gemm_scalars(graph, ctx)
-
-
-PASS = Pass("canonicalize-linear", "MatMul+Add on 2-D inputs -> Gemm; fold Gemm alpha/beta into constants", run)
+    ctx.count(gemm_scalars_folded=fold_gemm_scalars(graph, ctx))
+    ctx.facts[LINEAR_CANONICAL] = True

@@ -6,10 +6,13 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 from ocs_onnx.context import CompileContext
-from ocs_onnx.pass_manager import Pass
+from ocs_onnx.facts import UNIQUE_NODE_NAMES
+from ocs_onnx.pass_manager import GraphEffect, compiler_pass
 
 
-def run(graph: gs.Graph, ctx: CompileContext) -> None:
+@compiler_pass("name-nodes", produces=(UNIQUE_NODE_NAMES,), effect=GraphEffect.REWRITES)
+def name_nodes(graph: gs.Graph, ctx: CompileContext) -> None:
+    """Unique stable node names for the report and `--exclude`."""
     seen: set[str] = set()
     renamed = 0
     for index, node in enumerate(graph.nodes):
@@ -21,7 +24,5 @@ def run(graph: gs.Graph, ctx: CompileContext) -> None:
             node.name = name
             renamed += 1
         seen.add(node.name)
-    ctx.normalization["nodes_named"] = renamed
-
-
-PASS = Pass("name-nodes", "give unnamed or duplicate-named nodes unique names", run)
+    ctx.count(nodes_named=renamed)
+    ctx.facts[UNIQUE_NODE_NAMES] = True

@@ -8,16 +8,20 @@ import onnx_graphsurgeon as gs
 
 from ocs_onnx.context import CompileContext
 from ocs_onnx.errors import UnsupportedModelError, first_line
-from ocs_onnx.model_io import graph_from_skeleton, graph_skeleton
-from ocs_onnx.pass_manager import Pass
+from ocs_onnx.facts import OPSET_13
+from ocs_onnx.gs_adapter import graph_from_skeleton, graph_skeleton
+from ocs_onnx.pass_manager import GraphEffect, compiler_pass
 
 MIN_OPSET = 13
 
 
-def run(graph: gs.Graph, ctx: CompileContext) -> gs.Graph | None:
-    ctx.normalization["opset_in"] = graph.opset
+@compiler_pass("upgrade-opset", produces=(OPSET_13,), effect=GraphEffect.REPLACES)
+def upgrade_opset(graph: gs.Graph, ctx: CompileContext) -> gs.Graph | None:
+    """Opsets below 13 are converted with onnx's version converter (per-axis DequantizeLinear
+    needs 13) or refused."""
+    ctx.facts[OPSET_13] = True
     if graph.opset >= MIN_OPSET:
-        ctx.normalization["opset_out"] = graph.opset
+        ctx.count(opset_in=graph.opset, opset_out=graph.opset)
         return None
     model, left_out = graph_skeleton(graph)
     try:
@@ -31,8 +35,5 @@ def run(graph: gs.Graph, ctx: CompileContext) -> gs.Graph | None:
             f"cannot upgrade the model from opset {graph.opset} to {MIN_OPSET} "
             f"(needed for per-channel DequantizeLinear): {reason}"
         )
-    ctx.normalization["opset_out"] = MIN_OPSET
+    ctx.count(opset_in=graph.opset, opset_out=MIN_OPSET)
     return graph_from_skeleton(upgraded, left_out)
-
-
-PASS = Pass("upgrade-opset", f"upgrade models below opset {MIN_OPSET} with onnx's version converter", run)

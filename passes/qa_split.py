@@ -11,19 +11,25 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 from ocs_onnx.context import CompileContext
-from ocs_onnx.pass_manager import Pass
+from ocs_onnx.facts import LAYERS, QA_WEIGHT_OFFSETS, WEIGHT_SCALES, WEIGHT_SPLITS
+from ocs_onnx.pass_manager import GraphEffect, compiler_pass
+from ocs_onnx.weights import scale_axis, split_values
 
-from .clip_weights import scale_axis
-from .weight_ocs import split_values
 
-
-def run(graph: gs.Graph, ctx: CompileContext) -> None:
+@compiler_pass("qa-split", requires=(LAYERS, WEIGHT_SPLITS, WEIGHT_SCALES), produces=(QA_WEIGHT_OFFSETS,),
+               effect=GraphEffect.EDITS)
+def qa_split(graph: gs.Graph, ctx: CompileContext) -> None:
+    """Quantization-aware pieces `((w - s/2)/2, (w + s/2)/2)` with the final scale `s`, whose
+    levels add up to `Q(w)` exactly (`--split qa`)."""
+    ctx.facts[QA_WEIGHT_OFFSETS] = True
     if ctx.config.split != "qa":
         return
-    for plan in ctx.layers:
-        if not plan.splits:
+    splits, scales = ctx.facts[WEIGHT_SPLITS].layers, ctx.facts[WEIGHT_SCALES]
+    for layer in ctx.facts[LAYERS]:
+        split = splits[layer.name]
+        if not split.splits:
             continue
-        plan.weight.values = split_values(plan, qa_scale=plan.scale, out_axis=scale_axis(plan, ctx.config.granularity))
-
-
-PASS = Pass("qa-split", "apply quantization-aware split offsets with the final scale (--split qa)", run)
+        axis = scale_axis(layer, ctx.config.granularity)
+        split.constant.values = split_values(
+            split.unsplit, layer.weight_in_axis, split.splits, qa_scale=scales[layer.name].scale, out_axis=axis
+        )

@@ -11,8 +11,17 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ocs_onnx.context import CompileContext, LayerPlan
-from ocs_onnx.pass_manager import Pass
+from ocs_onnx.context import CompileContext
+from ocs_onnx.facts import (
+    ACTIVATION_QPARAMS,
+    LAYERS,
+    QA_ACTIVATION_OFFSETS,
+    QUANTIZED_ACTIVATIONS,
+    QUANTIZED_WEIGHTS,
+    WEIGHT_SCALES,
+    Layer,
+)
+from ocs_onnx.pass_manager import GraphEffect, compiler_pass
 from ocs_onnx.quant import ActivationQParams
 
 INT32_LIMIT = 2**31 - 1
@@ -83,22 +92,22 @@ def _insert_qdq(
     return dequantized
 
 
-def _quantize_bias(ctx: CompileContext, plan: LayerPlan, input_scale: float) -> gs.Node | None:
+def _quantize_bias(ctx: CompileContext, layer: Layer, weight_scale: np.ndarray, input_scale: float) -> gs.Node | None:
     """Replaces the layer's float bias by int32 + DequantizeLinear; returns that node."""
-    node = plan.node
+    node = layer.node
     if len(node.inputs) < 3 or not isinstance(node.inputs[2], gs.Constant):
         return None
-    if plan.op == "Gemm" and (node.attrs.get("alpha", 1.0) != 1.0 or node.attrs.get("beta", 1.0) != 1.0):
+    if layer.op == "Gemm" and (node.attrs.get("alpha", 1.0) != 1.0 or node.attrs.get("beta", 1.0) != 1.0):
         return None  # QGemm's int32 bias has scale input x weight; alpha/beta would change that
     bias = node.inputs[2].values
-    out_channels = plan.original_weight.shape[plan.weight_out_axis]
+    out_channels = layer.model_weight.shape[layer.weight_out_axis]
     if bias.dtype != np.float32 or bias.shape != (out_channels,):
         return None
     # float32 product, as onnxruntime computes the accumulator scale.
-    bias_scale = np.asarray(np.float32(input_scale) * np.asarray(plan.scale, dtype=np.float32), dtype=np.float32)
+    bias_scale = np.asarray(np.float32(input_scale) * np.asarray(weight_scale, dtype=np.float32), dtype=np.float32)
     levels = np.floor(bias.astype(np.float64) / bias_scale.astype(np.float64) + 0.5)
     if np.abs(levels).max(initial=0) > INT32_LIMIT:
-        ctx.warn(f"layer {plan.name}: bias too large for int32 at this scale; bias kept float (layer may not fuse)")
+        ctx.warn(f"layer {layer.name}: bias too large for int32 at this scale; bias kept float (layer may not fuse)")
         return None
     base = node.inputs[2].name
     inputs = [
@@ -109,25 +118,30 @@ def _quantize_bias(ctx: CompileContext, plan: LayerPlan, input_scale: float) -> 
     out = gs.Variable(ctx.unique_name(f"{base}_dequantized"), dtype=np.float32, shape=[out_channels])
     node.inputs[2] = out
     attrs = {"axis": 0} if bias_scale.ndim == 1 else {}
-    return gs.Node("DequantizeLinear", ctx.unique_name(f"{plan.name}_bias_dequantize"), attrs, inputs, [out])
+    return gs.Node("DequantizeLinear", ctx.unique_name(f"{layer.name}_bias_dequantize"), attrs, inputs, [out])
 
 
-def run(graph: gs.Graph, ctx: CompileContext) -> None:
+# after the weights: an int32 bias has scale input x weight scale, and its layer reads the
+# dequantized weight by then
+@compiler_pass("quantize-activations",
+               requires=(LAYERS, ACTIVATION_QPARAMS, WEIGHT_SCALES, QUANTIZED_WEIGHTS, QA_ACTIVATION_OFFSETS),
+               produces=(QUANTIZED_ACTIVATIONS,), effect=GraphEffect.EDITS)
+def quantize_activations(graph: gs.Graph, ctx: CompileContext) -> None:
+    """Q/DQ pairs on activations (below 8 bits behind a Clip to the k-bit grid); biases become
+    int32 with scale = input scale x weight scale."""
+    ctx.facts[QUANTIZED_ACTIVATIONS] = True
     if ctx.config.abits is None:
         return
     tensors = graph.tensors()
     input_scales: dict[str, float] = {}
     # Graph order (the planned dict's insertion order follows the layers' order): deterministic.
-    for name in ctx.activations:
-        qp = ctx.activation_qparams[name]
+    for name, qp in ctx.facts[ACTIVATION_QPARAMS].items():
         dequantized = _insert_qdq(graph, ctx, tensors[name], qp, ctx.config.abits)
         input_scales[dequantized.name] = qp.scale
-    for plan in ctx.layers:
-        x = plan.node.inputs[0]
+    scales = ctx.facts[WEIGHT_SCALES]
+    for layer in ctx.facts[LAYERS]:
+        x = layer.node.inputs[0]
         if x.name in input_scales:
-            bias_node = _quantize_bias(ctx, plan, input_scales[x.name])
+            bias_node = _quantize_bias(ctx, layer, scales[layer.name].scale, input_scales[x.name])
             if bias_node is not None:
                 graph.nodes.append(bias_node)
-
-
-PASS = Pass("quantize-activations", "insert QuantizeLinear/DequantizeLinear on activations; int32 biases", run)

@@ -12,8 +12,19 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ocs_onnx.context import CompileContext, LayerPlan
-from ocs_onnx.pass_manager import Pass
+from ocs_onnx.context import CompileContext
+from ocs_onnx.facts import (
+    LAYERS,
+    QA_WEIGHT_OFFSETS,
+    QUANTIZED_WEIGHTS,
+    WEIGHT_QUALITY,
+    WEIGHT_SCALES,
+    WEIGHT_SPLITS,
+    WeightQuality,
+    WeightScale,
+    WeightSplit,
+)
+from ocs_onnx.pass_manager import GraphEffect, compiler_pass
 from ocs_onnx.quant import (
     dequantize,
     fake_quantize_symmetric,
@@ -22,28 +33,28 @@ from ocs_onnx.quant import (
     sqnr_db,
     symmetric_scale,
 )
+from ocs_onnx.weights import clip_thresholds, scale_axis
 
-from .clip_weights import clip_thresholds, scale_axis
 
-
-def _record_sqnr(plan: LayerPlan, q: np.ndarray, axis: int | None, ctx: CompileContext) -> None:
+def weight_quality(
+    split: WeightSplit, scale: WeightScale, in_axis: int, q: np.ndarray, axis: int | None, ctx: CompileContext
+) -> WeightQuality:
     """SQNR of the layer's effective weight, and of the same clip method without OCS."""
     bits = ctx.config.weight_bits
-    w0 = plan.original_weight
-    plan.weight_energy = float(np.sum(np.square(w0, dtype=np.float64)))
+    w0 = split.unsplit
     plain_scale = symmetric_scale(clip_thresholds(w0, axis, ctx.config), bits)
-    plan.sqnr_without_ocs_db = sqnr_db(w0, fake_quantize_symmetric(w0, plain_scale, bits, axis))
-    effective = dequantize(q, plan.scale, axis)
-    if plan.splits:
-        effective = merge_split_channels(
-            effective, plan.weight_in_axis, plan.channel_origins, w0.shape[plan.weight_in_axis]
-        )
-    plan.sqnr_with_ocs_db = sqnr_db(w0, effective)
+    without_ocs = sqnr_db(w0, fake_quantize_symmetric(w0, plain_scale, bits, axis))
+    effective = dequantize(q, scale.scale, axis)
+    if split.splits:
+        effective = merge_split_channels(effective, in_axis, split.channel_origins, w0.shape[in_axis])
+    return WeightQuality(float(np.sum(np.square(w0, dtype=np.float64))), without_ocs, sqnr_db(w0, effective))
 
 
-def _dequantize_node(ctx: CompileContext, plan: LayerPlan, q: np.ndarray, axis: int | None) -> gs.Node:
-    base = plan.weight.name
-    scale = np.asarray(plan.scale, dtype=np.float32)
+def _dequantize_node(
+    ctx: CompileContext, layer_name: str, weight: gs.Constant, scale: np.ndarray, q: np.ndarray, axis: int | None
+) -> gs.Node:
+    base = weight.name
+    scale = np.asarray(scale, dtype=np.float32)
     inputs = [
         gs.Constant(ctx.unique_name(f"{base}_int8"), q.astype(np.int8)),
         gs.Constant(ctx.unique_name(f"{base}_scale"), scale),
@@ -51,22 +62,27 @@ def _dequantize_node(ctx: CompileContext, plan: LayerPlan, q: np.ndarray, axis: 
     ]
     out = gs.Variable(ctx.unique_name(f"{base}_dequantized"), dtype=np.float32, shape=list(q.shape))
     attrs = {"axis": axis} if axis is not None else {}
-    return gs.Node("DequantizeLinear", ctx.unique_name(f"{plan.name}_weight_dequantize"), attrs, inputs, [out])
+    return gs.Node("DequantizeLinear", ctx.unique_name(f"{layer_name}_weight_dequantize"), attrs, inputs, [out])
 
 
-def run(graph: gs.Graph, ctx: CompileContext) -> None:
+@compiler_pass("quantize-weights", requires=(LAYERS, WEIGHT_SPLITS, WEIGHT_SCALES, QA_WEIGHT_OFFSETS),
+               produces=(QUANTIZED_WEIGHTS, WEIGHT_QUALITY), effect=GraphEffect.EDITS)
+def quantize_weights(graph: gs.Graph, ctx: CompileContext) -> None:
+    """Int8 initializers + DequantizeLinear, zero point 0, round half up."""
     bits = ctx.config.weight_bits
+    splits, scales = ctx.facts[WEIGHT_SPLITS].layers, ctx.facts[WEIGHT_SCALES]
+    quality = {}
     done: dict[int, gs.Node] = {}  # a weight shared by several layers is quantized once
-    for plan in ctx.layers:
-        axis = scale_axis(plan, ctx.config.granularity)
-        q = quantize_symmetric(plan.weight.values, plan.scale, bits, axis)
-        _record_sqnr(plan, q, axis, ctx)
-        key = id(plan.weight)
+    for layer in ctx.facts[LAYERS]:
+        split, scale = splits[layer.name], scales[layer.name]
+        axis = scale_axis(layer, ctx.config.granularity)
+        q = quantize_symmetric(split.constant.values, scale.scale, bits, axis)
+        quality[layer.name] = weight_quality(split, scale, layer.weight_in_axis, q, axis, ctx)
+        key = id(split.constant)
         if key not in done:
-            done[key] = _dequantize_node(ctx, plan, q, axis)
-        plan.node.inputs[1] = done[key].outputs[0]
-        ctx.done_with(plan.original_weight)
+            done[key] = _dequantize_node(ctx, layer.name, split.constant, scale.scale, q, axis)
+        layer.node.inputs[1] = done[key].outputs[0]
+        ctx.done_with(split.unsplit)
     graph.nodes.extend(done.values())
-
-
-PASS = Pass("quantize-weights", "store weights as int8 + DequantizeLinear (symmetric, zero point 0)", run)
+    ctx.facts[WEIGHT_QUALITY] = quality
+    ctx.facts[QUANTIZED_WEIGHTS] = True

@@ -10,13 +10,24 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from fnmatch import fnmatchcase
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ocs_onnx.context import CompileContext, LayerPlan
-from ocs_onnx.pass_manager import Pass
+from ocs_onnx.context import CompileContext
+from ocs_onnx.facts import (
+    BATCHNORMS_FOLDED,
+    CONSTANT_WEIGHTS,
+    KEPT_FLOAT,
+    LAYERS,
+    LINEAR_CANONICAL,
+    OPSET_13,
+    UNIQUE_NODE_NAMES,
+    Layer,
+)
+from ocs_onnx.pass_manager import compiler_pass
 
 QUANTIZABLE_OPS = ("Conv", "Gemm", "MatMul")
 # Ops with weights that stay float. They are listed in the report's kept_float so that a user
@@ -39,8 +50,8 @@ def _weight_of(node: gs.Node) -> gs.Constant | None:
     return node.inputs[1]
 
 
-def plan_layer(node: gs.Node, weight: gs.Constant) -> LayerPlan | str:
-    """The layer's quantization plan, or the reason it stays float."""
+def plan_layer(node: gs.Node, weight: gs.Constant) -> Layer | str:
+    """The layer as it will be quantized, or the reason it stays float."""
     w = weight.values
     if w.dtype != np.float32:
         return f"weight dtype {w.dtype} (only float32 weights are quantized)"
@@ -52,57 +63,62 @@ def plan_layer(node: gs.Node, weight: gs.Constant) -> LayerPlan | str:
         if w.ndim < 3:
             return f"Conv weight of rank {w.ndim}"
         group = int(node.attrs.get("group", 1))
-        plan = LayerPlan(node, weight, weight_in_axis=1, weight_out_axis=0, input_channel_axis=1, splittable=group == 1)
+        refused = None
         if group > 1:
             kind = "depthwise" if w.shape[1] == 1 else f"grouped (group={group})"
-            plan.not_split_reason = f"{kind} Conv: a split channel would need a copy in every group"
-        return plan
+            refused = f"{kind} Conv: a split channel would need a copy in every group"
+        return Layer(node, weight, w, weight_in_axis=1, weight_out_axis=0, input_channel_axis=1, split_refused=refused)
     if w.ndim != 2:
         return f"{node.op} weight of rank {w.ndim} (only 2-D weights are quantized)"
     if node.op == "Gemm":
         trans_a, trans_b = int(node.attrs.get("transA", 0)), int(node.attrs.get("transB", 0))
         # B is (K, N), or (N, K) with transB; A is (M, K), or (K, M) with transA.
-        return LayerPlan(
+        return Layer(
             node,
             weight,
+            w,
             weight_in_axis=1 if trans_b else 0,
             weight_out_axis=0 if trans_b else 1,
             input_channel_axis=0 if trans_a else 1,
-            splittable=True,
         )
     # MatMul: y = x @ W with W (K, N); x's last axis is K.
-    return LayerPlan(node, weight, weight_in_axis=0, weight_out_axis=1, input_channel_axis=-1, splittable=True)
+    return Layer(node, weight, w, weight_in_axis=0, weight_out_axis=1, input_channel_axis=-1)
 
 
-def run(graph: gs.Graph, ctx: CompileContext) -> None:
-    ctx.layers = []
+# names for --exclude and the report; weights as they will run, in initializers; opset 13
+# for the per-channel DequantizeLinear the layers will get
+@compiler_pass("select-layers",
+               requires=(UNIQUE_NODE_NAMES, CONSTANT_WEIGHTS, BATCHNORMS_FOLDED, LINEAR_CANONICAL, OPSET_13),
+               produces=(LAYERS, KEPT_FLOAT))
+def select_layers(graph: gs.Graph, ctx: CompileContext) -> None:
+    """Conv (group 1), Gemm and MatMul with constant weights are quantized and splittable;
+    grouped/depthwise Conv quantized, not split."""
+    layers: list[Layer] = []
+    kept_float: dict[str, str] = {}
     for node in graph.nodes:
         if node.domain not in (None, "", "ai.onnx"):  # a custom op may reuse a standard op's name
             continue
         if node.op in WEIGHTED_OPS_KEPT_FLOAT:
-            ctx.kept_float[node.name] = f"{node.op} layers are not quantized by this version of ocs-onnx"
+            kept_float[node.name] = f"{node.op} layers are not quantized by this version of ocs-onnx"
             continue
         if node.op not in QUANTIZABLE_OPS:
             continue
         weight = _weight_of(node)
         if weight is None:
-            ctx.kept_float[node.name] = "no constant weight input"
+            kept_float[node.name] = "no constant weight input"
             continue
         pattern = _excluded_by(node, ctx.config.exclude)
         if pattern is not None:
-            ctx.kept_float[node.name] = f"excluded by --exclude {pattern}"
+            kept_float[node.name] = f"excluded by --exclude {pattern}"
             continue
-        plan = plan_layer(node, weight)
+        layer = plan_layer(node, weight)
         ctx.done_with(weight.values)
-        if isinstance(plan, str):  # a weight we cannot quantize: say so, the user expected it to be
-            ctx.kept_float[node.name] = plan
-            ctx.warn(f"layer {node.name} kept float: {plan}")
+        if isinstance(layer, str):  # a weight we cannot quantize: say so, the user expected it to be
+            kept_float[node.name] = layer
+            ctx.warn(f"layer {node.name} kept float: {layer}")
             continue
-        if plan.splittable and len(weight.outputs) > 1:
-            plan.splittable = False
-            plan.not_split_reason = f"weight shared by {len(weight.outputs)} nodes"
-        plan.original_weight = weight.values
-        ctx.layers.append(plan)
-
-
-PASS = Pass("select-layers", "choose the Conv/Gemm/MatMul layers to quantize and which may be split", run)
+        if layer.splittable and len(weight.outputs) > 1:
+            layer = replace(layer, split_refused=f"weight shared by {len(weight.outputs)} nodes")
+        layers.append(layer)
+    ctx.facts[LAYERS] = layers
+    ctx.facts[KEPT_FLOAT] = kept_float

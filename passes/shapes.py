@@ -8,8 +8,9 @@ import onnx_graphsurgeon as gs
 
 from ocs_onnx.context import CompileContext
 from ocs_onnx.errors import first_line
-from ocs_onnx.model_io import graph_from_skeleton, graph_skeleton
-from ocs_onnx.pass_manager import Pass
+from ocs_onnx.facts import TENSOR_TYPES
+from ocs_onnx.gs_adapter import graph_from_skeleton, graph_skeleton
+from ocs_onnx.pass_manager import GraphEffect, compiler_pass
 
 
 def _rank_of_static_vector(value: onnx.ValueInfoProto | None) -> int | None:
@@ -48,7 +49,12 @@ def complete_reshape_ranks(model: onnx.ModelProto) -> int:
     return completed
 
 
-def run(graph: gs.Graph, ctx: CompileContext) -> gs.Graph | None:
+@compiler_pass("infer-shapes", produces=(TENSOR_TYPES,), effect=GraphEffect.REPLACES)
+def infer_shapes(graph: gs.Graph, ctx: CompileContext) -> gs.Graph | None:
+    """ONNX shape inference; dynamic batch/sequence dims stay dynamic."""
+    # Types the model declares stay where inference cannot follow: the passes after get what
+    # there is.
+    ctx.facts[TENSOR_TYPES] = True
     model, left_out = graph_skeleton(graph)  # large weights as typed inputs: inference needs no values
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
@@ -62,6 +68,3 @@ def run(graph: gs.Graph, ctx: CompileContext) -> gs.Graph | None:
         ctx.warn(f"shape inference failed, continuing without it: {first_line(exc)}")
         return None
     return graph_from_skeleton(inferred, left_out)
-
-
-PASS = Pass("infer-shapes", "run ONNX shape inference (dynamic dimensions stay dynamic)", run)

@@ -17,14 +17,14 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
-from ocs_onnx.calibration import model_input_specs, prepare_feed, synthetic_batches
+from ocs_onnx.calibration import integer_input_limits, model_input_specs, prepare_feed, synthetic_batches
 from ocs_onnx.context import CompileContext
 from ocs_onnx.errors import InvalidModelError, VerificationError, first_line
-from ocs_onnx.model_io import constant_array, graph_skeleton, input_session, onnxruntime_message, session_model
-from ocs_onnx.pass_manager import Pass
+from ocs_onnx.facts import CALIBRATION, LAYERS, QUANTIZED_ACTIVATIONS, QUANTIZED_WEIGHTS, VERIFICATION
+from ocs_onnx.gs_adapter import constant_array, graph_skeleton
+from ocs_onnx.pass_manager import compiler_pass
 from ocs_onnx.quant import sqnr_db
-
-from .calibrate import integer_input_limits
+from ocs_onnx.sessions import NO_OPTIMIZATION, input_session, new_session, onnxruntime_message, session_model
 
 # onnxruntime's integer kernels for Conv/Gemm/MatMul (CPU provider, any layout domain).
 INTEGER_KERNELS = frozenset(
@@ -63,18 +63,18 @@ def optimized_op_counts(model: bytes | str) -> tuple[ort.InferenceSession, Count
     """A session on the model (its bytes or its path) and the op types of the graph onnxruntime
     optimized it into."""
     with tempfile.TemporaryDirectory() as tmp:
-        options = ort.SessionOptions()
-        options.log_severity_level = 4  # errors are raised, not printed
-        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        # only the op types are read: the weights go to a file that is never loaded
-        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "weights.data")
-        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        # Pre-packed weights would be one more copy of them; the kernels chosen and their
-        # (integer) results are the same without.
-        options.add_session_config_entry("session.disable_prepacking", "1")
-        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-        optimized = onnx.load(options.optimized_model_filepath, load_external_data=False)
-    return session, Counter(node.op_type for node in optimized.graph.node)
+        optimized_path = str(Path(tmp) / "optimized.onnx")
+        config = {
+            # only the op types are read: the weights go to a file that is never loaded
+            "session.optimized_model_external_initializers_file_name": "weights.data",
+            "session.optimized_model_external_initializers_min_size_in_bytes": "1024",
+            # Pre-packed weights would be one more copy of them; the kernels chosen and their
+            # (integer) results are the same without.
+            "session.disable_prepacking": "1",
+        }
+        optimized_session = new_session(model, config=config, optimized_model_path=optimized_path)
+        optimized = onnx.load(optimized_path, load_external_data=False)
+    return optimized_session, Counter(node.op_type for node in optimized.graph.node)
 
 
 # A compiled model with more weight bytes than this is verified from a copy written with
@@ -82,8 +82,13 @@ def optimized_op_counts(model: bytes | str) -> tuple[ort.InferenceSession, Count
 INLINE_SESSION_BYTES = 64 << 20
 
 
-def run(graph: gs.Graph, ctx: CompileContext) -> None:
+@compiler_pass("verify-onnxruntime", requires=(LAYERS, CALIBRATION, QUANTIZED_WEIGHTS, QUANTIZED_ACTIVATIONS),
+               produces=(VERIFICATION,))
+def verify_onnxruntime(graph: gs.Graph, ctx: CompileContext) -> None:
+    """Load in onnxruntime, count integer kernels, run the first calibration batch, compare with
+    the float model."""
     if not ctx.config.verify:
+        ctx.facts[VERIFICATION] = {}
         return
     with session_model(graph, ctx.scratch, INLINE_SESSION_BYTES) as model:
         _verify(graph, ctx, model)
@@ -94,7 +99,7 @@ def _verify(graph: gs.Graph, ctx: CompileContext, model: bytes | str) -> None:
         session, ops = optimized_op_counts(model)
     except Exception as exc:
         raise VerificationError(f"onnxruntime cannot load the compiled model: {first_line(exc)}")
-    quantized = len(ctx.layers) if ctx.config.abits is not None else 0
+    quantized = len(ctx.facts[LAYERS]) if ctx.config.abits is not None else 0
     integer = sum(count for op, count in ops.items() if op in INTEGER_KERNELS)
     result = {
         "quantized_layers": quantized,
@@ -106,7 +111,7 @@ def _verify(graph: gs.Graph, ctx: CompileContext, model: bytes | str) -> None:
     }
     skeleton, left_out = graph_skeleton(graph)
     specs = [s for s in model_input_specs(skeleton) if s.name not in left_out]
-    reference = ctx.reference_batch
+    reference = ctx.facts[CALIBRATION].reference
     if reference is not None:
         feed = reference.feed
     else:
@@ -145,7 +150,7 @@ def _verify(graph: gs.Graph, ctx: CompileContext, model: bytes | str) -> None:
                 f"onnxruntime's integer kernels deviate from the QDQ arithmetic (output SQNR {worst:.1f} dB between them): "
                 + kernel_disagreement_hint(ctx.config.weight_bits, ctx.config.abits)
             )
-    ctx.verification = result
+    ctx.facts[VERIFICATION] = result
 
 
 def _input_model_runs(ctx: CompileContext, feed: dict[str, np.ndarray]) -> bool:
@@ -160,14 +165,6 @@ def _input_model_runs(ctx: CompileContext, feed: dict[str, np.ndarray]) -> bool:
 
 
 def _unoptimized_session(model: bytes | str) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 4  # errors are raised, not printed
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     # (no weight of this graph is pre-packed: its layers read DequantizeLinear outputs; disabling
     # pre-packing anyway made creating the session several times slower on a 2 GB model)
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-
-
-PASS = Pass(
-    "verify-onnxruntime", "load in onnxruntime, count integer kernels, compare outputs with the float model", run
-)
+    return new_session(model, NO_OPTIMIZATION)

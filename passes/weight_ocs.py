@@ -24,10 +24,12 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ocs_onnx.context import CompileContext, LayerPlan
-from ocs_onnx.model_io import ComputedConstant, ComputedValues
-from ocs_onnx.pass_manager import Pass
+from ocs_onnx.channels import append_channel_copies
 from ocs_onnx.config import CompileConfig
+from ocs_onnx.context import CompileContext
+from ocs_onnx.facts import ACTIVATION_SPLITS, LAYERS, WEIGHT_SPLITS, Layer, WeightSplit, WeightSplits
+from ocs_onnx.gs_adapter import ComputedConstant
+from ocs_onnx.pass_manager import GraphEffect, compiler_pass
 from ocs_onnx.quant import (
     apply_channel_splits,
     channel_origins,
@@ -38,40 +40,27 @@ from ocs_onnx.quant import (
     split_count,
     symmetric_scale,
 )
-
-from .channels import append_channel_copies
-from .clip_weights import clip_thresholds, scale_axis
+from ocs_onnx.weights import clip_thresholds, scale_axis, split_values
 
 
 def _widen_input(
-    ctx: CompileContext, node: gs.Node, x: gs.Variable, axis: int, copies: list[int]
+    ctx: CompileContext, node: gs.Node, x: gs.Variable, axis: int, copies: list[int], widened_inputs: dict[str, str]
 ) -> tuple[list[gs.Node], gs.Variable]:
     """Appends the copied channels to the layer's input. The copies hold a subset of x's values:
-    they are quantized with x's parameters, so onnxruntime moves them as 8-bit data."""
+    they are quantized with x's parameters (``widened_inputs``), so onnxruntime moves them as
+    8-bit data."""
     nodes, slices, widened = append_channel_copies(ctx, f"{node.name}_ocs", x, axis, copies)
     for tensor in (*slices, widened):
-        ctx.ocs_duplicates[tensor.name] = x.name
-        if x.name in ctx.activations:
-            ctx.activations[tensor.name] = ctx.activations[x.name]
+        widened_inputs[tensor.name] = x.name
     return nodes, widened
 
 
-def split_values(plan: LayerPlan, qa_scale: np.ndarray | None = None, out_axis: int | None = None) -> ComputedValues:
-    """The layer's weight after its splits (naive halves, or quantization-aware pieces with
-    ``qa_scale``), computed from the original weight whenever it is read."""
-    w, in_axis, splits = plan.original_weight, plan.weight_in_axis, list(plan.splits)
-    shape = list(w.shape)
-    shape[in_axis] += len(splits)
-    return ComputedValues(
-        lambda: apply_channel_splits(w, in_axis, splits, qa_scale=qa_scale, out_axis=out_axis), shape, w.dtype
-    )
-
-
-def quantization_error(plan: LayerPlan, splits: list[int], config: CompileConfig) -> float:
-    """Squared error of the weight the layer effectively applies after splitting by ``splits``,
-    clipping, (QA) splitting with the final scale, and quantizing: the pipeline's own steps."""
-    w0, in_axis = plan.original_weight, plan.weight_in_axis
-    axis = scale_axis(plan, config.granularity)
+def quantization_error(layer: Layer, w0: np.ndarray, splits: list[int], config: CompileConfig) -> float:
+    """Squared error of the weight the layer effectively applies after splitting ``w0`` by
+    ``splits``, clipping, (QA) splitting with the final scale, and quantizing: the pipeline's
+    own steps."""
+    in_axis = layer.weight_in_axis
+    axis = scale_axis(layer, config.granularity)
     naive = apply_channel_splits(w0, in_axis, splits)
     scale = symmetric_scale(clip_thresholds(naive, axis, config), config.weight_bits)
     split = apply_channel_splits(w0, in_axis, splits, qa_scale=scale, out_axis=axis) if config.split == "qa" else naive
@@ -80,44 +69,56 @@ def quantization_error(plan: LayerPlan, splits: list[int], config: CompileConfig
     return float(np.sum((w0.astype(np.float64) - merged) ** 2))
 
 
-def _split_layer(plan: LayerPlan, ratio: float, ctx: CompileContext, shared: dict) -> None:
-    w = plan.original_weight
-    channels = w.shape[plan.weight_in_axis]
-    splits = plan_channel_splits(w, plan.weight_in_axis, split_count(ratio, channels))
+def _split_layer(
+    layer: Layer, weight: gs.Constant, ctx: CompileContext, shared: dict, widened_inputs: dict[str, str]
+) -> WeightSplit:
+    w = weight.values
+    channels = w.shape[layer.weight_in_axis]
+    splits = plan_channel_splits(w, layer.weight_in_axis, split_count(ctx.config.ratio, channels))
+    reason = None
     if splits and ctx.config.ocs_guard:
-        with_ocs, without = quantization_error(plan, splits, ctx.config), quantization_error(plan, [], ctx.config)
+        with_ocs = quantization_error(layer, w, splits, ctx.config)
+        without = quantization_error(layer, w, [], ctx.config)
         if not with_ocs < without:
-            plan.not_split_reason = "splitting did not lower this layer's weight quantization error"
+            reason = "splitting did not lower this layer's weight quantization error"
             splits = []
     ctx.done_with(w)
-    plan.splits = splits
-    plan.channel_origins = channel_origins(channels, plan.splits)
-    if not plan.splits:
-        return
-    node = plan.node
-    split_weight = ComputedConstant(ctx.unique_name(f"{plan.weight.name}_ocs"), split_values(plan))
+    origins = channel_origins(channels, splits)
+    if not splits:
+        return WeightSplit(w, weight, [], origins, reason)
+    node = layer.node
+    split_weight = ComputedConstant(
+        ctx.unique_name(f"{weight.name}_ocs"), split_values(w, layer.weight_in_axis, splits)
+    )
     node.inputs[1] = split_weight
-    plan.weight = split_weight
 
     x = node.inputs[0]
-    copies = plan.channel_origins[channels:]
-    key = (x.name, plan.input_channel_axis, tuple(copies))
+    copies = origins[channels:]
+    key = (x.name, layer.input_channel_axis, tuple(copies))
     if key not in shared:
-        shared[key] = _widen_input(ctx, node, x, plan.input_channel_axis, copies)
+        shared[key] = _widen_input(ctx, node, x, layer.input_channel_axis, copies, widened_inputs)
     node.inputs[0] = shared[key][1]
+    return WeightSplit(w, split_weight, splits, origins, None)
 
 
-def run(graph: gs.Graph, ctx: CompileContext) -> None:
+# after activation OCS: weight OCS splits the widened weight the layer will run with
+@compiler_pass("weight-ocs", requires=(LAYERS, ACTIVATION_SPLITS), produces=(WEIGHT_SPLITS,), effect=GraphEffect.EDITS)
+def weight_ocs(graph: gs.Graph, ctx: CompileContext) -> None:
+    """`ceil(r*C_in)` splits per layer on the input channel holding the largest abs weight, kept
+    if they lower the weight quantization error; weight rows duplicated, input widened with
+    `Concat(x, Slice(x, c), ...)`."""
+    activation_splits = ctx.facts[ACTIVATION_SPLITS]
     shared: dict = {}
-    for plan in ctx.layers:
-        if plan.splittable and ctx.config.ratio > 0:
-            _split_layer(plan, ctx.config.ratio, ctx, shared)
+    widened_inputs: dict[str, str] = {}
+    layers: dict[str, WeightSplit] = {}
+    for layer in ctx.facts[LAYERS]:
+        weight = activation_splits.weight_of(layer)
+        if layer.splittable and ctx.config.ratio > 0:
+            layers[layer.name] = _split_layer(layer, weight, ctx, shared, widened_inputs)
+        else:
+            w = weight.values
+            origins = channel_origins(w.shape[layer.weight_in_axis], [])
+            layers[layer.name] = WeightSplit(w, weight, [], origins, layer.split_refused)
     for nodes, _ in shared.values():
         graph.nodes.extend(nodes)
-
-
-PASS = Pass(
-    "weight-ocs",
-    "split the input channels holding the largest |w| (duplicated weight rows, input channels appended)",
-    run,
-)
+    ctx.facts[WEIGHT_SPLITS] = WeightSplits(layers, widened_inputs)

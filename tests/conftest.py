@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
-import numpy as np
-import onnx
-import onnxruntime as ort
-import pytest
+import sys
+from pathlib import Path
 
-from models import builders, digits
+# The tests import ocs_onnx as a user does, from the installed distribution (pip install
+# '.[test]', or -e for development), never from the checkout's folder: the checkout's root goes
+# last on the path, where only models/ is found.
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT] + [str(ROOT)]
+
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import pytest  # noqa: E402
+
+from models import builders, digits  # noqa: E402
+
+try:
+    import ocs_onnx.passes  # noqa: F401
+except ImportError as exc:
+    pytest.exit(f"ocs_onnx is not installed ({exc}): run pip install '.[test]' first", returncode=4)
 
 
 def run_model(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:

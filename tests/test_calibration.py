@@ -12,7 +12,7 @@ import ocs_onnx
 from models import builders, digits
 from ocs_onnx.calibration import InputSpec, RangeObserver, model_input_specs, open_calibration_data, synthetic_batches
 from ocs_onnx.errors import CalibrationDataError
-from passes.calibrate import integer_input_limits
+from ocs_onnx.calibration import integer_input_limits
 
 IMAGE = [InputSpec("image", np.dtype(np.float32), ("batch", 1, 8, 8))]
 
@@ -90,7 +90,7 @@ def test_calibration_uses_at_most_calib_samples(tmp_path):
 
 def test_synthetic_token_ids_stay_below_the_embedding_table_size():
     model = builders.token_embedding_net(vocab=37)
-    graph = ocs_onnx.model_io.model_to_graph(model)
+    graph = ocs_onnx.gs_adapter.model_to_graph(model)
     limits = integer_input_limits(graph)
     assert limits == {"ids": 37}
     batch = next(synthetic_batches(model_input_specs(model), 64, 64, seed=0, int_high=limits))

@@ -164,7 +164,7 @@ def test_w8a8_uses_a_reduced_weight_grid_so_uint8_by_int8_kernels_cannot_overflo
 
 
 def test_kernel_disagreement_is_blamed_on_overflow_only_where_overflow_is_possible():
-    from passes.verify import kernel_disagreement_hint
+    from ocs_onnx.passes.verify import kernel_disagreement_hint
 
     assert "overflow" in kernel_disagreement_hint(weight_bits=8, abits=8)
     assert "ruled out" not in kernel_disagreement_hint(weight_bits=8, abits=8)

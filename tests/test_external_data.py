@@ -21,9 +21,9 @@ from onnx import numpy_helper
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 import ocs_onnx
-import passes.verify
+import ocs_onnx.passes.verify
 from models import builders
-from ocs_onnx import errors, model_io
+from ocs_onnx import errors, gs_adapter, loading, writing
 from ocs_onnx.cli import main
 from ocs_onnx.compiler import compile_graph
 from tools.scale import transformer_stack
@@ -130,8 +130,8 @@ def test_the_output_with_external_data_loads_and_computes_what_the_one_file_outp
 def test_an_output_beyond_protobufs_limit_goes_to_a_data_file_unasked(tmp_path, capsys, monkeypatch):
     model = save_external(builders.mlp_gemm(), tmp_path)
     assert run_cli(capsys, "compile", model, *COMPILE, "-o", tmp_path / "asked.onnx", "--external-data") == (0, "")
-    monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", 4096)  # this model's weights do not fit below it
-    monkeypatch.setattr(model_io, "PROTOBUF_MARGIN", 0)
+    monkeypatch.setattr(writing, "PROTOBUF_LIMIT", 4096)  # this model's weights do not fit below it
+    monkeypatch.setattr(writing, "PROTOBUF_MARGIN", 0)
     assert run_cli(capsys, "compile", model, *COMPILE, "-o", tmp_path / "unasked.onnx") == (0, "")
     assert Path(f"{tmp_path}/unasked.onnx.data").read_bytes() == Path(f"{tmp_path}/asked.onnx.data").read_bytes()
     assert {info.location for info in external_tensors(tmp_path / "unasked.onnx").values()} == {"unasked.onnx.data"}
@@ -156,7 +156,7 @@ def test_a_large_output_is_verified_from_a_mapped_copy_that_leaves_nothing_behin
         run_cli(capsys, "compile", model, *COMPILE, "-o", tmp_path / "inline.onnx", "--report", tmp_path / "a.json")[0]
         == 0
     )
-    monkeypatch.setattr(passes.verify, "INLINE_SESSION_BYTES", 0)
+    monkeypatch.setattr(ocs_onnx.passes.verify, "INLINE_SESSION_BYTES", 0)
     listing = set(os.listdir(tmp_path))
     assert (
         run_cli(capsys, "compile", model, *COMPILE, "-o", tmp_path / "mapped.onnx", "--report", tmp_path / "b.json")[0]
@@ -176,24 +176,24 @@ def test_large_weights_left_out_of_the_graph_copies_change_nothing(make, monkeyp
     # more is "large".
     model = make()
     expected, _ = ocs_onnx.compile(model, wbits=5, calib_samples=8)
-    monkeypatch.setattr(model_io, "SKELETON_MIN_BYTES", 1024)
+    monkeypatch.setattr(gs_adapter, "SKELETON_MIN_BYTES", 1024)
     actual, report = ocs_onnx.compile(model, wbits=5, calib_samples=8)
     assert report["normalization"]["opset_out"] >= 13
     assert actual.SerializeToString(deterministic=True) == expected.SerializeToString(deterministic=True)
-    graph, _ = compile_graph(model_io.load_model(model), ocs_onnx.CompileConfig(stop_after="infer-shapes"), "x", None)
-    assert model_io.graph_skeleton(graph)[1]  # some weights were left out
+    graph, _ = compile_graph(loading.load_model(model), ocs_onnx.CompileConfig(stop_after="infer-shapes"), "x", None)
+    assert gs_adapter.graph_skeleton(graph)[1]  # some weights were left out
 
 
 def test_the_one_file_output_written_tensor_by_tensor_is_protobufs_own_serialization(test_model):
     # The file is streamed (protobuf would hold the weights several times over while
     # serializing); its bytes are exactly what protobuf's deterministic serialization gives.
     _, model = test_model
-    source = model_io.load_model(model)
+    source = loading.load_model(model)
     graph, _ = compile_graph(source, ocs_onnx.CompileConfig(wbits=5, calib_samples=4, verify=False), "unused", None)
-    write, size = model_io.serialized_model(graph)
+    write, size = writing.serialized_model(graph)
     stream = io.BytesIO()
     write(stream)
-    expected = model_io.graph_to_model(graph).SerializeToString(deterministic=True)
+    expected = gs_adapter.graph_to_model(graph).SerializeToString(deterministic=True)
     assert stream.getvalue() == expected and size == len(expected)
 
 

@@ -41,21 +41,48 @@ def test_qa_split_keeps_the_quantized_value_exactly():
     """Paper eq. 7: Q((w - s/2)/2) + Q((w + s/2)/2) == Q(w) for any w and scale."""
     rng = np.random.default_rng(0)
     for bits in (2, 4, 6, 8):
-        w = rng.laplace(size=20000) * rng.uniform(0.01, 10)
-        scale = np.float64(rng.uniform(0.001, 1.0))
-        # unclamped levels: the identity is about rounding; the pieces of a split stay in range
-        q = lambda x: np.floor(x / scale + 0.5)  # noqa: E731
-        a, b = (w - scale / 2) / 2, (w + scale / 2) / 2
-        assert np.array_equal(q(a) + q(b), q(w)), bits
+        for dtype in (np.float64, np.float32):
+            w = (rng.laplace(size=20000) * rng.uniform(0.01, 10)).astype(dtype)
+            # Any scale: the identity is about rounding, so compared on unclamped levels.
+            scale = np.float64(rng.uniform(0.001, 1.0))
+            a, b = quant.split_on_levels(w, scale)
+            assert a.dtype == b.dtype == w.dtype
+            # The pieces are the quantization-aware ones (up to the few ulps that fix a rounding),
+            # and they add up to the weight.
+            np.testing.assert_allclose(a, (w - scale / 2) / 2, rtol=1e-5, atol=scale * 1e-6)
+            np.testing.assert_allclose(b, (w + scale / 2) / 2, rtol=1e-5, atol=scale * 1e-6)
+            np.testing.assert_allclose(a.astype(np.float64) + b, w, rtol=1e-5, atol=scale * 1e-6)
+            unclamped = np.floor(w.astype(np.float64) / scale + 0.5)
+            assert np.array_equal(quant.quantization_levels(w, scale), unclamped), (bits, dtype)
+            levels = quant.quantization_levels(a, scale) + quant.quantization_levels(b, scale)
+            assert np.array_equal(levels, unclamped), (bits, dtype)
+            # With the scale of the weight's own range nothing clamps: the quantizer itself agrees.
+            scale = quant.symmetric_scale(quant.max_abs(w, None), bits)
+            a, b = quant.split_on_levels(w, scale)
+            q_pieces = quant.quantize_symmetric(a, scale, bits) + quant.quantize_symmetric(b, scale, bits)
+            assert np.array_equal(q_pieces, quant.quantize_symmetric(w, scale, bits)), (bits, dtype)
 
 
 def test_naive_split_does_not_always_keep_the_quantized_value():
     """w = 3 steps: each half is 1.5 steps and both round up, giving 4."""
     scale = np.float64(1.0)
-    q = lambda x: np.floor(x / scale + 0.5)  # noqa: E731
-    w = np.random.default_rng(1).uniform(-20, 20, size=1000)
-    assert not np.array_equal(q(w / 2) + q(w / 2), q(w))
-    assert q(np.float64(1.5)) * 2 != q(np.float64(3.0))
+    w = np.array([[3.0]])  # one input channel, along axis 1
+    naive = quant.apply_channel_splits(w, 1, [0])
+    assert naive.tolist() == [[1.5, 1.5]]
+    assert quant.quantize_symmetric(naive, scale, 4).tolist() == [[2, 2]]
+    assert quant.quantize_symmetric(w, scale, 4).tolist() == [[3]]
+    # The quantization-aware split of the same weight keeps it: 1.25 and 1.75 steps give 1 + 2.
+    qa = quant.apply_channel_splits(w, 1, [0], qa_scale=scale)
+    assert qa.tolist() == [[1.25, 1.75]]
+    assert quant.quantize_symmetric(qa, scale, 4).sum() == 3
+    # On random weights the naive split's levels often add up to one level more or less.
+    w = np.random.default_rng(1).uniform(-20, 20, size=(1000, 1))
+    naive = quant.apply_channel_splits(w, 1, [0])
+    np.testing.assert_array_equal(naive, np.hstack([w / 2, w / 2]))
+    q_naive = quant.quantize_symmetric(naive, scale, 8).sum(axis=1)
+    q_w = quant.quantize_symmetric(w, scale, 8)[:, 0]
+    assert not np.array_equal(q_naive, q_w)
+    assert np.all(np.abs(q_naive - q_w) <= 1)
 
 
 def test_split_count_is_ceil_of_ratio_times_channels():

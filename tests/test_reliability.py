@@ -22,7 +22,7 @@ import ocs_onnx
 from models import builders
 from ocs_onnx import errors
 from ocs_onnx.cli import main
-from ocs_onnx.model_io import write_files_atomic
+from ocs_onnx.writing import write_files_atomic
 
 from .conftest import max_relative_error, run_model
 
@@ -546,12 +546,12 @@ def test_an_output_that_is_the_input_under_another_name_is_refused(spelling, tmp
 
 
 def test_a_verification_failure_leaves_no_output_no_report_and_no_temporary_file(tmp_path, capsys, monkeypatch):
-    import passes.verify
+    import ocs_onnx.passes.verify
 
     def cannot_load(model_bytes):
         raise RuntimeError("simulated onnxruntime failure")
 
-    monkeypatch.setattr(passes.verify, "optimized_op_counts", cannot_load)
+    monkeypatch.setattr(ocs_onnx.passes.verify, "optimized_op_counts", cannot_load)
     model = save(small_mlp(), tmp_path / "model.onnx")
     listing = set(os.listdir(tmp_path))
     code, err = run_cli(capsys, "compile", model, "-q", "--calib-samples", 8, "--report", tmp_path / "r.json")

@@ -19,6 +19,7 @@ process, one thread, interleaved runs, median of per-run ratios).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -34,7 +35,7 @@ import onnx
 import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the repository root, for models/
+sys.path.append(str(ROOT))  # the checkout, after the installed ocs_onnx: for models/
 
 # (label, calibration method, weight type, reduce_range): onnxruntime's three calibrations with its
 # defaults, MinMax with the 7-bit weights that avoid uint8 x int8 overflow on CPUs without VNNI
@@ -140,6 +141,18 @@ def _default_opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
+@contextlib.contextmanager
+def _working_directory(path: str):
+    """Run the block in ``path`` as the current directory, then go back (``contextlib.chdir`` is
+    Python 3.11+)."""
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
 def ort_quantize_child(model: str, calibration: str, output: str, method: str, weight_type: str, reduce: str) -> int:
     """The body of an onnxruntime quantize_static child (``--ort-child``)."""
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
@@ -165,12 +178,16 @@ def ort_quantize_child(model: str, calibration: str, output: str, method: str, w
             # (ocs-onnx upgrades too, in its upgrade-opset pass).
             model = str(Path(folder) / "upgraded.onnx")
             onnx.save(onnx.version_converter.convert_version(source, PER_CHANNEL_MIN_OPSET), model)
-        try:
-            quant_pre_process(model, prepared)  # what onnxruntime's documentation asks for before quantizing
-        except Exception:
-            # Its symbolic shape inference gives up on some exports (PP-OCRv5 det); a user would
-            # then skip that step, which leaves ONNX shape inference and graph optimization.
-            quant_pre_process(model, prepared, skip_symbolic_shape=True)
+        model = os.path.abspath(model)  # the pre-processing runs in another directory
+        # When its symbolic shape inference gives up, it writes sym_shape_infer_temp.onnx (and its
+        # external data) into the current directory: an empty one, deleted right after.
+        with tempfile.TemporaryDirectory() as scratch, _working_directory(scratch):
+            try:
+                quant_pre_process(model, prepared)  # what onnxruntime's documentation asks for before quantizing
+            except Exception:
+                # Its symbolic shape inference gives up on some exports (PP-OCRv5 det); a user would
+                # then skip that step, which leaves ONNX shape inference and graph optimization.
+                quant_pre_process(model, prepared, skip_symbolic_shape=True)
         quantize_static(
             prepared,
             output,

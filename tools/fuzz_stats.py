@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the repository root, for tests/ and models/
+sys.path.append(str(ROOT))  # the checkout, after the installed ocs_onnx: for tests/ and models/
 
 from tests.test_fuzz import CASES, SEED, STATS_CACHE_KEY, fuzz  # noqa: E402
 

@@ -1,0 +1,43 @@
+"""Weight arithmetic that several passes share: which axis carries the scales, the clip
+thresholds of a weight, and a layer's weight after its channel splits."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .clip import weight_clip_threshold
+from .config import CompileConfig
+from .facts import Layer
+from .gs_adapter import ComputedValues
+from .quant import apply_channel_splits, max_abs
+
+
+def scale_axis(layer: Layer, granularity: str) -> int | None:
+    """The weight axis that carries one scale per slice, or None for one scale per tensor."""
+    return layer.weight_out_axis if granularity == "channel" else None
+
+
+def clip_thresholds(w: np.ndarray, axis: int | None, config: CompileConfig) -> np.ndarray:
+    """The clip threshold of ``w`` as a whole (axis None) or of every slice along ``axis``."""
+    if config.wclip == "none":
+        return max_abs(w, axis)
+    bits = config.weight_bits
+    if axis is None:
+        return np.asarray(weight_clip_threshold(w, config.wclip, bits, config.percentile))
+    rows = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    return np.array([weight_clip_threshold(row, config.wclip, bits, config.percentile) for row in rows])
+
+
+def split_values(
+    unsplit: np.ndarray, in_axis: int, splits: list[int], qa_scale: np.ndarray | None = None, out_axis: int | None = None
+) -> ComputedValues:
+    """A weight after its channel splits (naive halves, or quantization-aware pieces with
+    ``qa_scale``), computed from the unsplit weight whenever it is read, never stored."""
+    shape = list(unsplit.shape)
+    shape[in_axis] += len(splits)
+    splits = list(splits)
+    return ComputedValues(
+        lambda: apply_channel_splits(unsplit, in_axis, splits, qa_scale=qa_scale, out_axis=out_axis),
+        shape,
+        unsplit.dtype,
+    )
