@@ -35,6 +35,20 @@ class BitsOrNone(click.ParamType):
             self.fail(f"{value!r} is not a bit width or 'none'", param, ctx)
 
 
+class NumberOrNone(click.ParamType):
+    name = "DB|none"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, float):
+            return value
+        if isinstance(value, str) and value.lower() == "none":
+            return None
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number or 'none'", param, ctx)
+
+
 class _MessageFormatter(logging.Formatter):
     """Plain text for information; 'ocs-onnx: warning: ...' for anything that needs attention."""
 
@@ -168,6 +182,13 @@ def _option(*flags: str, field: str, **kwargs):
     help="8-bit weights on a +-63 grid so uint8 x int8 kernels cannot overflow on CPUs without VNNI [default: on for W8A8].",
 )
 @click.option("--no-verify", is_flag=True, default=not DEFAULTS.verify, help="Skip the onnxruntime check of the output.")
+@_option(
+    "--min-kernel-agreement",
+    field="min_kernel_agreement_db",
+    type=NumberOrNone(),
+    help="Fail (exit 6) when onnxruntime's integer kernels are further than this output SQNR (dB) from the "
+    "QDQ arithmetic; 'none' only warns.",
+)
 @click.option(
     "--external-data",
     is_flag=True,
@@ -202,6 +223,7 @@ def compile_command(
     dump_after,
     reduce_range,
     no_verify,
+    min_kernel_agreement,
     external_data,
     list_passes,
     quiet,
@@ -235,6 +257,7 @@ def compile_command(
         seed=seed,
         reduce_range=reduce_range,
         verify=not no_verify,
+        min_kernel_agreement_db=min_kernel_agreement,
         external_data=external_data,
         dump_after=tuple(dump_after),
     )

@@ -50,6 +50,10 @@ class CompileConfig:
     reduce_range: bool | None = None
     # Verify the output in onnxruntime (load, count integer kernels, run one batch).
     verify: bool = True
+    # The verification fails (exit 6, nothing written) when the outputs of onnxruntime's integer
+    # kernels are further than this (output SQNR, dB) from the QDQ arithmetic the model
+    # specifies: a kernel computed something else. None: only warn.
+    min_kernel_agreement_db: float | None = 15.0
     # Write the output's weights to a data file beside it (ONNX external data). Without it,
     # only a model that would reach protobuf's 2 GiB limit is written so.
     external_data: bool = False
@@ -81,6 +85,9 @@ class CompileConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        value = self.min_kernel_agreement_db
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value != value):
+            raise UsageError(f"--min-kernel-agreement must be a number of dB or 'none', got {value!r}")
         if self.calib_data is not None:
             object.__setattr__(self, "calib_data", Path(self.calib_data))
         object.__setattr__(self, "exclude", tuple(self.exclude))

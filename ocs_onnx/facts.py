@@ -177,6 +177,8 @@ class WeightScale:
     max_abs: np.ndarray
     clip_threshold: np.ndarray
     scale: np.ndarray
+    # Scales raised above alpha / qmax so that the layer's int32 bias fits (see clip-weights).
+    raised_for_bias: int = 0
 
 
 @dataclass(frozen=True)

@@ -122,6 +122,7 @@ def layer_entry(view: _LayerView, config: CompileConfig) -> dict:
         "bits": config.weight_bits,
         "granularity": config.granularity,
         "scale": _scale_value(scale.scale) if scale is not None else None,
+        "scales_raised_for_bias": scale.raised_for_bias if scale is not None else 0,
         "clip": {
             "method": config.wclip,
             "threshold": _scale_value(scale.clip_threshold) if scale is not None else None,

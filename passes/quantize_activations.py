@@ -106,9 +106,10 @@ def _quantize_bias(ctx: CompileContext, layer: Layer, weight_scale: np.ndarray, 
     # float32 product, as onnxruntime computes the accumulator scale.
     bias_scale = np.asarray(np.float32(input_scale) * np.asarray(weight_scale, dtype=np.float32), dtype=np.float32)
     levels = np.floor(bias.astype(np.float64) / bias_scale.astype(np.float64) + 0.5)
-    if np.abs(levels).max(initial=0) > INT32_LIMIT:
-        ctx.warn(f"layer {layer.name}: bias too large for int32 at this scale; bias kept float (layer may not fuse)")
-        return None
+    if not np.abs(levels).max(initial=0) <= INT32_LIMIT:
+        # clip-weights raised the weight scales so that every finite bias fits; a bias left float
+        # here would be ignored by onnxruntime's fused kernels, a wrong model
+        raise RuntimeError(f"layer {layer.name}: int32 bias overflows at the weight scale clip-weights chose")
     base = node.inputs[2].name
     inputs = [
         gs.Constant(ctx.unique_name(f"{base}_int32"), levels.astype(np.int32)),

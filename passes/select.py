@@ -59,6 +59,9 @@ def plan_layer(node: gs.Node, weight: gs.Constant) -> Layer | str:
         return "zero-sized weight"
     if not np.isfinite(w).all():
         return "weight contains NaN or Inf"
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    if isinstance(bias, gs.Constant) and bias.values.dtype.kind == "f" and not np.isfinite(bias.values).all():
+        return "bias contains NaN or Inf (an int32 bias has no value for it)"
     if node.op == "Conv":
         if w.ndim < 3:
             return f"Conv weight of rank {w.ndim}"

@@ -47,10 +47,15 @@ INTEGER_KERNELS = frozenset(
 KERNEL_AGREEMENT_WARN_DB = 25.0
 
 
-def kernel_disagreement_hint(weight_bits: int, abits: int) -> str:
+def kernel_disagreement_hint(weight_bits: int, abits: int | None) -> str:
     """Why integer kernels may disagree with the QDQ arithmetic at these bit widths. uint8 x int8
     kernels without VNNI add pairs of products in 16 bits: 2 x 255 x 127 overflows, but with
     weights of at most 7 bits (|q| <= 63) or activations below 8 bits it cannot."""
+    if abits is None:
+        return (
+            "with --abits none the integer kernels come from QuantizeLinear/DequantizeLinear nodes the input model "
+            "already had; check them (a float bias on a quantized Conv is ignored when onnxruntime fuses it)"
+        )
     if weight_bits >= 8 and abits >= 8:
         return "likely 16-bit overflow in uint8 x int8 kernels on this CPU; try --reduce-range or lower --wbits/--abits"
     return (
@@ -145,6 +150,14 @@ def _verify(graph: gs.Graph, ctx: CompileContext, model: bytes | str) -> None:
         agreement = {n: sqnr_db(s, o) for n, s, o in zip(names, simulated, outputs)}
         result["integer_kernels_vs_qdq_sqnr_db"] = agreement
         worst = min((v for v in agreement.values() if v is not None), default=None)
+        limit = ctx.config.min_kernel_agreement_db
+        if worst is not None and limit is not None and worst < limit:
+            raise VerificationError(
+                f"onnxruntime's integer kernels compute something else than the QDQ model specifies (output SQNR "
+                f"{worst:.1f} dB between them, below --min-kernel-agreement {limit:g}), so nothing was written: "
+                + kernel_disagreement_hint(ctx.config.weight_bits, ctx.config.abits)
+                + " (--min-kernel-agreement none writes the model anyway)"
+            )
         if worst is not None and worst < KERNEL_AGREEMENT_WARN_DB:
             ctx.warn(
                 f"onnxruntime's integer kernels deviate from the QDQ arithmetic (output SQNR {worst:.1f} dB between them): "

@@ -75,8 +75,8 @@ def test_a_rewrite_after_the_activations_are_planned_is_refused():
 
 
 def test_a_pass_before_the_producer_of_what_it_requires_is_refused():
-    with pytest.raises(PipelineOrderError, match="'clip-weights' requires 'weight-splits', which 'weight-ocs' produces after it"):
-        build_pass_manager(_moved("weight-ocs", after="clip-weights"))
+    with pytest.raises(PipelineOrderError, match="'clip-activations' requires 'weight-splits', which 'weight-ocs' produces after it"):
+        build_pass_manager(_moved("weight-ocs", after="qa-split"))
 
 
 def test_a_missing_producer_is_refused():
@@ -135,7 +135,7 @@ def test_an_internal_error_inside_a_pass_names_the_pass_and_those_before(tmp_pat
     err = capsys.readouterr().err
     assert code == 1
     assert "internal error in pass 'clip-weights' (after name-nodes, constants-to-initializers," in err
-    assert "weight-ocs): KeyError: 'fc1.weight'" in err
+    assert "weight-ocs, clip-activations): KeyError: 'fc1.weight'" in err
     assert not (tmp_path / "mlp.q.onnx").exists()
 
 

@@ -22,6 +22,7 @@ import ocs_onnx
 from models import builders
 from ocs_onnx import errors
 from ocs_onnx.cli import main
+from ocs_onnx.quant import sqnr_db
 from ocs_onnx.writing import write_files_atomic
 
 from .conftest import max_relative_error, run_model
@@ -605,3 +606,96 @@ def test_two_compiles_at_once_into_different_outputs_match_a_sequential_run(tmp_
     assert (tmp_path / "parallel0.onnx").read_bytes() == expected
     assert (tmp_path / "parallel1.onnx").read_bytes() == expected
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]
+
+
+# --------------------------------------------------------------------------------------------
+# Wrong answers with exit 0
+# --------------------------------------------------------------------------------------------
+
+
+def pruned_batchnorm_net(gamma: float = 1e-7, beta: float = 4.0) -> onnx.ModelProto:
+    """Conv -> BatchNorm with one pruned channel (gamma ~ 0, beta != 0) -> Relu -> Conv: folded,
+    that channel's weights are ~gamma and its bias beta, which overflows int32 at the per-channel
+    scale max|w|/127."""
+    rng = np.random.default_rng(0)
+    gammas, betas = np.ones(8, np.float32), np.zeros(8, np.float32)
+    gammas[3], betas[3] = gamma, beta
+    arrays = {
+        "w1": rng.normal(0, 0.3, (8, 4, 3, 3)).astype(np.float32),
+        "b1": rng.normal(0, 0.1, 8).astype(np.float32),
+        "gamma": gammas,
+        "beta": betas,
+        "mean": rng.normal(0, 0.1, 8).astype(np.float32),
+        "var": np.ones(8, np.float32),
+        "w2": rng.normal(0, 0.3, (4, 8, 3, 3)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c1", "gamma", "beta", "mean", "var"], ["bn"], name="bn1"),
+        helper.make_node("Relu", ["bn"], ["r"], name="relu1"),
+        helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "pruned",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4, 8, 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4, 8, 8])],
+        [onnx.numpy_helper.from_array(a, n) for n, a in arrays.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@pytest.mark.parametrize("gamma, beta", [(1e-7, 4.0), (1e-3, 1e9)])
+def test_a_bias_far_larger_than_its_weights_stays_in_the_model_onnxruntime_runs(gamma, beta):
+    model = pruned_batchnorm_net(gamma, beta)
+    feed = {"x": np.random.default_rng(1).normal(size=(4, 4, 8, 8)).astype(np.float32)}
+    quantized, report = ocs_onnx.compile(model)
+    conv1 = next(layer for layer in report["layers"] if layer["name"] == "conv1")
+    assert conv1["scales_raised_for_bias"] == 1  # the pruned channel's scale, so that its bias fits int32
+    assert not any("bias" in w for w in report["warnings"])
+    (expected,) = run_model(model, feed)
+    # onnxruntime as it runs the model by default (fused integer kernels) keeps the bias
+    assert sqnr_db(expected, run_model(quantized, feed)[0]) > 25.0
+    assert report["onnxruntime"]["integer_kernels"] == 2
+
+
+def _with_float_bias_on_conv1(quantized: onnx.ModelProto, bias: np.ndarray) -> onnx.ModelProto:
+    """A QDQ model whose first Conv reads a float bias (as hand-made QDQ models can)."""
+    model = onnx.ModelProto()
+    model.CopyFrom(quantized)
+    conv = next(n for n in model.graph.node if n.name == "conv1")
+    model.graph.initializer.append(onnx.numpy_helper.from_array(bias, "conv1_float_bias"))
+    conv.input[2] = "conv1_float_bias"
+    return model
+
+
+def test_verification_fails_when_the_integer_kernels_compute_something_else(tmp_path, capsys):
+    # onnxruntime's fused QLinearConv ignores a float bias: the model it runs is not the QDQ model.
+    model = pruned_batchnorm_net()
+    quantized, _ = ocs_onnx.compile(model)
+    folded_bias = next(t for t in quantized.graph.initializer if t.name.startswith("conv1_bias_bnfolded"))
+    qdq = _with_float_bias_on_conv1(quantized, onnx.numpy_helper.to_array(folded_bias).astype(np.float32))
+    path = tmp_path / "qdq.onnx"
+    onnx.save(qdq, str(path))
+    before = sorted(tmp_path.iterdir())
+    code = main(["compile", str(path), "--abits", "none", "-q"])
+    err = capsys.readouterr().err
+    assert code == 6
+    assert err.count("\n") == 1 and "integer kernels compute something else" in err and "nothing was written" in err
+    assert sorted(tmp_path.iterdir()) == before
+    # the user may opt out: then it is written, with the warning in the report
+    code = main(["compile", str(path), "--abits", "none", "-q", "--min-kernel-agreement", "none"])
+    assert code == 0 and (tmp_path / "qdq.q.onnx").exists()
+
+
+def test_a_layer_with_a_nan_bias_stays_float_and_says_so():
+    model = pruned_batchnorm_net()
+    bias = next(t for t in model.graph.initializer if t.name == "b1")
+    values = onnx.numpy_helper.to_array(bias).copy()
+    values[2] = np.nan
+    bias.CopyFrom(onnx.numpy_helper.from_array(values, "b1"))
+    model.graph.node.remove(next(n for n in model.graph.node if n.op_type == "BatchNormalization"))
+    model.graph.node[0].output[0] = "bn"
+    _, report = ocs_onnx.compile(model, verify=False)
+    assert "NaN" in report["kept_float"]["conv1"]
+    assert [layer["name"] for layer in report["layers"]] == ["conv2"]
