@@ -22,6 +22,7 @@ from .pass_manager import AfterEach, DumpAfter, Pass, PassManager, StopAfter, Ti
 from .passes import DEFAULT_PASSES
 from .report import build_report, report_json
 from .sessions import check_onnxruntime_loads
+from .external_data import data_file_name
 from .writing import default_output_path, model_files, save_graph_atomic, write_files_atomic
 
 # onnx-graphsurgeon logs to stdout; only its errors matter to our users.
@@ -67,8 +68,12 @@ def compile_graph(
     for name in config.dump_after:
         _check_pass_name(manager, name, "--dump-after")
 
+    dumped: list[Path] = []
+
     def dump(name: str, g: gs.Graph) -> None:
-        save_graph_atomic(g, Path(f"{dump_prefix}.after-{name}.onnx"), config.external_data)
+        path = dump_path(Path(f"{dump_prefix}.onnx"), name)
+        save_graph_atomic(g, path, config.external_data)
+        dumped.extend([path, path.with_name(data_file_name(path))])
 
     instruments = [
         Timing(),
@@ -81,8 +86,14 @@ def compile_graph(
         instruments.append(StopAfter(config.stop_after))
     # Non-finite weights and activations are handled where they matter (such layers stay float,
     # calibration ranges cover finite values); numpy's multi-line warnings about them are noise.
-    with np.errstate(all="ignore"):
-        graph = manager.run(graph, ctx, instruments)
+    try:
+        with np.errstate(all="ignore"):
+            graph = manager.run(graph, ctx, instruments)
+    except BaseException:
+        # a failed compile leaves nothing behind, its dumps included
+        for path in dumped:
+            path.unlink(missing_ok=True)
+        raise
     return graph, ctx
 
 
@@ -106,24 +117,57 @@ def compile(
     return output, build_report(ctx, source, (parameter_count(graph), output.ByteSize()))
 
 
-def check_output_paths(inputs: list[Path], output: Path, report: Path | None, external_data: bool) -> None:
-    """Fails before any work when an output could not be written or would replace the input
-    model or one of its data files."""
-    data = output.with_name(output.name + ".data")
-    outputs = [(output, "-o"), (report, "--report")] + ([(data, "-o (its data file)")] if external_data else [])
-    for path, flag in outputs:
-        if path is None:
-            continue
+def _same_file(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def planned_outputs(output: Path, report: Path | None, dump_after: tuple[str, ...]) -> list[tuple[Path, str]]:
+    """Every file a compile may write, with the option that names it: the output and its data
+    file (written for --external-data or an output beyond 2 GiB), the report, and each dump with
+    its data file."""
+    outputs = [(output, "-o"), (output.with_name(data_file_name(output)), "-o (its data file)")]
+    if report is not None:
+        outputs.append((report, "--report"))
+    for name in dump_after:
+        dump = dump_path(output, name)
+        outputs.append((dump, f"--dump-after {name}"))
+        outputs.append((dump.with_name(data_file_name(dump)), f"--dump-after {name} (its data file)"))
+    return outputs
+
+
+def input_files(model_files: list[Path], calib_data: Path | None) -> list[tuple[Path, str]]:
+    """Every file a compile reads, described: the model, its data files, the calibration data."""
+    inputs = [(model_files[0], "the input model")] + [(p, "a data file of the input model") for p in model_files[1:]]
+    if calib_data is not None:
+        calib_data = Path(calib_data)
+        files = sorted(p for p in calib_data.iterdir() if p.is_file()) if calib_data.is_dir() else [calib_data]
+        inputs += [(path, "calibration data (--calib-data)") for path in files]
+    return inputs
+
+
+def check_output_paths(inputs: list[tuple[Path, str]], outputs: list[tuple[Path, str]]) -> None:
+    """Fails before any work (exit 2) when an output could not be written, is not a regular file,
+    would replace an input, or is the path of another output."""
+    for index, (path, flag) in enumerate(outputs):
         if not path.parent.is_dir():
             raise UsageError(f"{flag} {path}: folder {path.parent} does not exist")
         if path.is_dir():
             raise UsageError(f"{flag} {path}: is a folder")
-        for index, existing in enumerate(inputs):
-            if existing.exists() and path.exists() and os.path.samefile(existing, path):
-                what = "the input model" if index == 0 else "a data file of the input model"
+        if path.exists() and not path.is_file():
+            raise UsageError(f"{flag} {path}: is not a regular file (a device, pipe or socket); choose a file path")
+        for existing, what in inputs:
+            if _same_file(existing, path):
                 raise UsageError(f"{flag} {path}: is {what}; choose another path")
-    if report is not None and report.resolve() == output.resolve():
-        raise UsageError(f"--report {report}: is the output model path; choose another path")
+        for other, other_flag in outputs[:index]:
+            if _same_file(other, path):
+                raise UsageError(f"{flag} {path}: is also the path of {other_flag}; choose another path")
+
+
+def dump_path(output: Path, pass_name: str) -> Path:
+    """Where --dump-after writes the graph after a pass: beside the output."""
+    return Path(f"{Path(output).with_suffix('')}.after-{pass_name}.onnx")
 
 
 def compile_file(
@@ -142,10 +186,11 @@ def compile_file(
     input_path = Path(input_path)
     output_path = Path(output_path) if output_path is not None else default_output_path(input_path)
     report_path = Path(report_path) if report_path is not None else None
-    check_output_paths([input_path], output_path, report_path, external_data=True)
+    outputs = planned_outputs(output_path, report_path, config.dump_after)
+    check_output_paths(input_files([input_path], config.calib_data), outputs)
     source = load_model(input_path)
     # the data files are known once the model is read
-    check_output_paths(source.input_files, output_path, report_path, external_data=True)
+    check_output_paths(input_files(source.input_files, config.calib_data), outputs)
     graph, ctx = compile_graph(source, config, output_path.with_suffix(""), scratch=output_path.parent)
     files, size = model_files(graph, output_path, config.external_data)
     report = build_report(ctx, source, (parameter_count(graph), size))

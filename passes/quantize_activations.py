@@ -82,13 +82,13 @@ def _insert_qdq(
         for i, t in enumerate(consumer.inputs):
             if t is tensor:
                 consumer.inputs[i] = dequantized
-    for i, t in enumerate(graph.outputs):
-        if t is tensor:
-            # A graph output keeps its name: the dequantized tensor takes it over.
-            original = tensor.name
-            tensor.name = ctx.unique_name(f"{original}_before_quantize")
-            dequantized.name = original
-            graph.outputs[i] = dequantized
+    if any(t is tensor for t in graph.outputs):
+        # A graph output keeps its name (in every place the model lists it): the dequantized
+        # tensor takes it over.
+        original = tensor.name
+        tensor.name = ctx.unique_name(f"{original}_before_quantize")
+        dequantized.name = original
+        graph.outputs = [dequantized if t is tensor else t for t in graph.outputs]
     return dequantized
 
 

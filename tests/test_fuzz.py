@@ -248,6 +248,55 @@ def poison_weight(rng, model):
     return _serialize(model)
 
 
+def tiny_weights_large_bias(rng, model):
+    """A pruned channel: one output channel's weights scaled to ~0 and its bias made large (a
+    folded BatchNorm with gamma ~ 0 and beta != 0), so that an int32 bias cannot hold it."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    layers = [
+        n for n in model.graph.node
+        if n.op_type in ("Conv", "Gemm") and len(n.input) > 2 and n.input[1] in initializers and n.input[2] in initializers
+    ]
+    if not layers:
+        return poison_weight(rng, model)
+    node = layers[int(rng.integers(len(layers)))]
+    weight, bias = initializers[node.input[1]], initializers[node.input[2]]
+    w, b = numpy_helper.to_array(weight).copy(), numpy_helper.to_array(bias).copy()
+    out_axis = 0 if node.op_type == "Conv" or any(a.name == "transB" and a.i for a in node.attribute) else 1
+    if w.dtype != np.float32 or b.dtype != np.float32 or b.size != w.shape[out_axis]:
+        return poison_weight(rng, model)
+    channel = int(rng.integers(b.size))
+    index = [slice(None)] * w.ndim
+    index[out_axis] = channel
+    w[tuple(index)] *= float(rng.choice([1e-7, 1e-4, 0.0]))
+    b[channel] = float(rng.choice([1.0, -5.0, 1e4, 1e9]))
+    weight.CopyFrom(numpy_helper.from_array(w, weight.name))
+    bias.CopyFrom(numpy_helper.from_array(b, bias.name))
+    return _serialize(model)
+
+
+def add_random_op(rng, model):
+    """Noise from a RandomNormalLike / RandomUniformLike added to a float input: an op that must
+    never be folded into a constant."""
+    floats = [v for v in model.graph.input if v.type.tensor_type.elem_type == TensorProto.FLOAT]
+    if not floats:
+        return duplicate_output(rng, model)
+    x = floats[0].name
+    op = str(rng.choice(["RandomNormalLike", "RandomUniformLike"]))
+    noise, noisy = f"{x}_fuzz_noise", f"{x}_fuzz_noisy"
+    for node in model.graph.node:
+        node.input[:] = [noisy if name == x else name for name in node.input]
+    model.graph.node.insert(0, helper.make_node("Add", [x, noise], [noisy], name="fuzz_add"))
+    model.graph.node.insert(0, helper.make_node(op, [x], [noise], name="fuzz_noise"))
+    return _serialize(model)
+
+
+def duplicate_output(rng, model):
+    """A graph output listed twice (valid ONNX): its name and type must survive."""
+    output = model.graph.output[int(rng.integers(len(model.graph.output)))]
+    model.graph.output.insert(int(rng.integers(len(model.graph.output) + 1)), output)
+    return _serialize(model)
+
+
 def unchanged(rng, model):
     return _serialize(model)
 
@@ -265,6 +314,9 @@ MUTATIONS = {
     "change op or opset": change_op,
     "change input shape": change_input_shape,
     "poison weight": poison_weight,
+    "tiny weights, large bias": tiny_weights_large_bias,
+    "random op": add_random_op,
+    "duplicate output": duplicate_output,
     "none": unchanged,
 }
 
@@ -383,6 +435,44 @@ class Outcome:
     problem: str | None = None
 
 
+NON_DETERMINISTIC_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+# The verify pass's own default threshold: the integer kernels must compute the QDQ model.
+MIN_KERNEL_AGREEMENT_DB = 15.0
+
+
+def output_problem(model: onnx.ModelProto, output: Path) -> str | None:
+    """What is wrong with a compiled model that onnxruntime loads, checked without trusting the
+    compiler's own verification (it may be off): output names and types as the input's; every
+    random op kept; and onnxruntime's integer kernels computing what the QDQ model specifies."""
+    compiled = onnx.load(str(output))
+    def outputs(m: onnx.ModelProto) -> list:
+        return [(o.name, o.type.tensor_type.elem_type) for o in m.graph.output]
+
+    if outputs(compiled) != outputs(model):
+        return f"output names or types changed: {outputs(model)} -> {outputs(compiled)}"
+    random_ops = lambda m: sorted(n.op_type for n in m.graph.node if n.op_type in NON_DETERMINISTIC_OPS)  # noqa: E731
+    if random_ops(compiled) != random_ops(model):
+        return "a random op was folded away"
+    if random_ops(model):
+        return None  # two runs differ anyway: no agreement to check
+    try:
+        feed = builders.random_inputs(compiled, batch=2, seq=3, seed=0, int_high=4)
+        fused = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"]).run(None, feed)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        exact = ort.InferenceSession(str(output), options, providers=["CPUExecutionProvider"]).run(None, feed)
+    except Exception:  # noqa: BLE001 - inputs a fuzzed model cannot run on say nothing here
+        return None
+    for a, b in zip(exact, fused):
+        a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+        if a.dtype.kind != "f" or not (np.isfinite(a).all() and np.isfinite(b).all()):
+            continue
+        noise = float(np.sum((a - b) ** 2))
+        if noise > 0 and 10 * np.log10(max(float(np.sum(a**2)), 1e-300) / noise) < MIN_KERNEL_AGREEMENT_DB:
+            return "onnxruntime's integer kernels disagree with the QDQ model"
+    return None
+
+
 def run_case(index: int, rng: np.random.Generator, models: dict[str, onnx.ModelProto], folder: Path) -> Outcome:
     model_name = str(rng.choice(sorted(models)))
     mutation = str(rng.choice(sorted(MUTATIONS)))
@@ -406,11 +496,19 @@ def run_case(index: int, rng: np.random.Generator, models: dict[str, onnx.ModelP
     if rng.random() < 0.2:
         args += ["--no-verify"]
     report = folder / "report.json"
-    if rng.random() < 0.3:
+    if rng.random() < 0.1:
+        # a report path that collides with an input or another output: refused (exit 2)
+        targets = ["model.onnx", "model.q.onnx", "model.q.onnx.data", "model.q.after-name-nodes.onnx"]
+        report = folder / str(rng.choice(targets + (["calib.npz"] if "--calib-data" in args else [])))
+        args += ["--dump-after", "name-nodes", "--external-data", "--report", str(report)]
+    elif rng.random() < 0.3:
         args += ["--report", str(report)]
+    if rng.random() < 0.15:
+        args += ["--dump-after", str(rng.choice(["name-nodes", "weight-ocs"]))]
     case = f"#{index} {model_name}: {mutation}, calibration {calib}: {' '.join(args[4:])}"
     before = set(os.listdir(folder))
     digest = hashlib.sha256(data).hexdigest()
+    inputs_before = {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in before}
     try:
         with captured_stderr() as captured:
             code = main(args)
@@ -419,8 +517,11 @@ def run_case(index: int, rng: np.random.Generator, models: dict[str, onnx.ModelP
     stderr = captured[0].strip()
     lines = stderr.splitlines()
     problem = None
+    changed = [n for n, d in inputs_before.items() if hashlib.sha256((folder / n).read_bytes()).hexdigest() != d]
     if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
         problem = "the input model changed"
+    elif changed:
+        problem = f"input files changed: {changed}"
     elif code == 0:
         if stderr:
             problem = "output on stderr with -q"
@@ -439,14 +540,17 @@ def run_case(index: int, rng: np.random.Generator, models: dict[str, onnx.ModelP
                     problem = f"no valid report: {exc}"
             if problem is None and not loads:
                 problem = f"invalid output: {reason}"
+            if problem is None and loads:
+                problem = output_problem(onnx.load(str(path)), output)
     elif code in (errors.USAGE, errors.INVALID_MODEL, errors.UNSUPPORTED_MODEL, errors.CALIBRATION_DATA, 6):
         if len(lines) != 1 or not lines[0].startswith("ocs-onnx: error: "):
             problem = "not exactly one error line on stderr"
-        elif output.exists() or report.exists():
+        elif any(p.exists() and p.name not in before for p in (output, report)):
             problem = "an output or a report was written on failure"
     else:
         problem = f"exit code {code}"
-    leftovers = sorted(set(os.listdir(folder)) - before - {output.name, report.name})
+    written = {output.name, report.name, output.name + ".data"} | {p for p in os.listdir(folder) if ".after-" in p}
+    leftovers = sorted(set(os.listdir(folder)) - before - (written if code == 0 else {output.name, report.name}))
     if problem is None and leftovers:
         problem = f"files left behind: {leftovers}"
     return Outcome(case, code, stderr, problem)

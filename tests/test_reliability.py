@@ -699,3 +699,97 @@ def test_a_layer_with_a_nan_bias_stays_float_and_says_so():
     _, report = ocs_onnx.compile(model, verify=False)
     assert "NaN" in report["kept_float"]["conv1"]
     assert [layer["name"] for layer in report["layers"]] == ["conv2"]
+
+
+def _collision_case(case: str, tmp_path: Path) -> tuple[list, str]:
+    """CLI arguments (after the model) whose outputs collide with each other or an input, and
+    the fragment the refusal names."""
+    calib = _npz(tmp_path, x=_x())
+    return {
+        "report is the output's data file": (
+            ["-o", "out.onnx", "--external-data", "--report", "out.onnx.data"],
+            "is also the path of -o (its data file)",
+        ),
+        "report is the calibration data": (
+            ["--calib-data", calib, "--report", calib],
+            "is calibration data (--calib-data)",
+        ),
+        "report is a dump": (
+            ["-o", "out.onnx", "--dump-after", "name-nodes", "--report", "out.after-name-nodes.onnx"],
+            "is also the path of --report",
+        ),
+        "dump is the input model": (
+            ["-o", "model.onnx.q.onnx", "--dump-after", "name-nodes"],
+            "is the input model",
+        ),
+    }[case]
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["report is the output's data file", "report is the calibration data", "report is a dump", "dump is the input model"],
+)
+def test_outputs_that_collide_with_each_other_or_with_an_input_are_refused_before_any_work(case, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    name = "model.onnx.q.after-name-nodes.onnx" if case == "dump is the input model" else "model.onnx"
+    save(small_mlp(), tmp_path / name)
+    args, fragment = _collision_case(case, tmp_path)
+    before = {p: sha256(tmp_path / p) for p in os.listdir(tmp_path)}
+    code, err = run_cli(capsys, "compile", name, *args)
+    assert_clean_failure(code, err, errors.USAGE, tmp_path, set(before), fragment)
+    assert {p: sha256(tmp_path / p) for p in os.listdir(tmp_path)} == before
+
+
+@pytest.mark.parametrize("flag", ["-o", "--report"])
+def test_an_output_naming_a_fifo_or_a_device_is_refused(flag, tmp_path, capsys):
+    model = save(small_mlp(), tmp_path / "model.onnx")
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for special in (fifo, Path(os.devnull)):
+        listing = set(os.listdir(tmp_path))
+        code, err = run_cli(capsys, "compile", model, flag, special)
+        assert_clean_failure(code, err, errors.USAGE, tmp_path, listing, "is not a regular file")
+        assert not special.is_file()
+
+
+def test_a_random_op_is_never_frozen_into_a_constant():
+    w = np.random.default_rng(0).normal(0, 0.3, (8, 4, 3, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("RandomNormal", [], ["noise"], name="noise", shape=[1, 4, 8, 8], scale=0.1),
+        helper.make_node("Add", ["x", "noise"], ["noisy"], name="add"),
+        helper.make_node("Conv", ["noisy", "w"], ["y"], name="conv", pads=[1, 1, 1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "noisy",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    quantized, _ = ocs_onnx.compile(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    assert [n.op_type for n in quantized.graph.node].count("RandomNormal") == 1
+    feed = {"x": np.zeros((1, 4, 8, 8), np.float32)}
+    session = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert not np.array_equal(session.run(None, feed)[0], session.run(None, feed)[0])  # still a fresh draw per run
+
+
+def test_an_output_listed_twice_keeps_its_name_in_both_places():
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["y"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["y", "w2"], ["z"], name="conv2", pads=[1, 1, 1, 1]),
+    ]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 8, 8, 8]) for n in ("y", "y", "z")]
+    graph = helper.make_graph(
+        nodes,
+        "twice",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+        outputs,
+        [
+            numpy_helper.from_array(rng.normal(0, 0.3, (8, 4, 3, 3)).astype(np.float32), "w1"),
+            numpy_helper.from_array(rng.normal(0, 0.3, (8, 8, 3, 3)).astype(np.float32), "w2"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    quantized, _ = ocs_onnx.compile(model)
+    assert [(o.name, o.type) for o in quantized.graph.output] == [(o.name, o.type) for o in model.graph.output]
