@@ -121,6 +121,12 @@ def _option(*flags: str, field: str, **kwargs):
     "--split", field="split", type=click.Choice(SPLIT_MODES), help="Quantization-aware split (paper eq. 6) or naive halving."
 )
 @_option(
+    "--fold-copies/--no-fold-copies",
+    field="fold_ocs_copies",
+    help="Compute the copies of split channels in the layer producing them (duplicated output rows) where it can, "
+    "instead of copying them at run time.",
+)
+@_option(
     "--granularity",
     field="granularity",
     type=click.Choice(GRANULARITIES),
@@ -209,6 +215,7 @@ def compile_command(
     act_ratio,
     split,
     ocs_guard,
+    fold_copies,
     granularity,
     activation_type,
     wclip,
@@ -245,6 +252,7 @@ def compile_command(
         act_ratio=act_ratio,
         split=split,
         ocs_guard=ocs_guard,
+        fold_ocs_copies=fold_copies,
         granularity=granularity,
         activation_type=activation_type,
         wclip=wclip,
@@ -296,7 +304,8 @@ def main(argv=None) -> int:
         if debug:
             traceback.print_exc()
         # a pass's failure names the pass and the passes before it
-        where = f" {exc}" if isinstance(exc, PassFailure) else f": {type(exc).__name__}: {first_line(exc)}"
+        message = f": {first_line(exc)}" if str(exc).strip() else ""
+        where = f" {exc}" if isinstance(exc, PassFailure) else f": {type(exc).__name__}{message}"
         click.echo(f"ocs-onnx: internal error{where} (rerun with --debug for the traceback)", err=True)
         return INTERNAL
 

@@ -28,6 +28,10 @@ class CompileConfig:
     split: str = "qa"
     # Keep a layer's splits only when they lower its weight quantization error.
     ocs_guard: bool = True
+    # The copies of a split layer's input channels are computed by the layer that produces the
+    # input, with duplicated output rows (ocs_onnx/widening.py), where it can: no copy at run
+    # time. False: always a Concat of Slices at run time.
+    fold_ocs_copies: bool = True
     granularity: str = "channel"
     # uint8 with a zero point (asymmetric) or int8 with zero point 0 (symmetric).
     activation_type: str = "uint8"

@@ -150,6 +150,8 @@ def check_external_tensors(model: onnx.ModelProto, folder: Path, where: str) -> 
         size = sizes.setdefault(resolved, status.st_size)
         offset = info.offset or 0
         length = info.length if info.length is not None else max(size - offset, 0)
+        if offset < 0 or length < 0:  # onnx before 1.21 accepts them
+            raise InvalidModelError(f"{prefix}: negative offset {offset} or length {length}")
         if offset + length > size:
             raise InvalidModelError(
                 f"{prefix}: offset {offset} + length {length} is beyond the end of the file ({size} bytes)"

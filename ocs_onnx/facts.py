@@ -51,7 +51,8 @@ class Layer:
     """One Conv/Gemm/MatMul whose weight gets quantized, as select-layers found it."""
 
     node: gs.Node
-    # The constant the layer reads, and its values (after BatchNorm folding, before any OCS).
+    # The constant the layer read when it was selected, and its values (after BatchNorm
+    # folding, before any OCS; the OCS passes record the constants they give it).
     weight: gs.Constant
     model_weight: np.ndarray
     # Axes of the weight tensor: input channels (split along it) and output channels
@@ -147,17 +148,29 @@ class WeightSplit:
     """What weight OCS did to one layer."""
 
     # The weight before weight OCS (the model's, with activation OCS's rows), and the constant
-    # the layer reads now (the split weight, computed from it on every read; or that weight).
+    # weight OCS left the layer reading (the split weight, computed from it on every read; or
+    # that weight), which quantize-weights replaces in the graph by its int8 form.
     unsplit: np.ndarray
     constant: gs.Constant
     # The channel split at each step, and the original channel of every channel after.
     splits: list[int]
     channel_origins: list[int]
     not_split_reason: str | None
+    # Output channels this layer computes a second time, appended after its own, for a split
+    # layer after it (the copies folded into this producer; see ocs_onnx/widening.py).
+    out_copies: list[int] = field(default_factory=list)
+    # For a split layer: the node whose output rows compute its input's copies (None: copied at
+    # run time by a Concat of Slices).
+    copies_folded_into: str | None = None
 
     @property
     def input_channels(self) -> int:
         return len(self.channel_origins) - len(self.splits)
+
+    @property
+    def widened(self) -> bool:
+        """The layer's weight differs from the model's in shape (input splits or output copies)."""
+        return bool(self.splits or self.out_copies)
 
 
 @dataclass(frozen=True)
@@ -232,7 +245,7 @@ LAYERS = Fact("layers", Binding.OBJECTS, "list[Layer]: the layers to quantize")
 KEPT_FLOAT = Fact("kept-float", Binding.NAMES, "dict[str, str]: weighted nodes kept float, and why")
 ACTIVATION_PLAN = Fact("activation-plan", Binding.NAMES, "ActivationPlan: activation tensors to quantize")
 ACTIVATION_STATISTICS = Fact("activation-statistics", Binding.NAMES, "ActivationStatistics: calibrated ranges")
-CALIBRATION = Fact("calibration", Binding.NONE, "Calibration: calibration source and reference batch")
+CALIBRATION = Fact("calibration", Binding.NAMES, "Calibration: calibration source and reference batch")
 ACTIVATION_SPLITS = Fact("activation-splits", Binding.OBJECTS, "ActivationSplits: activation OCS splits")
 WEIGHT_SPLITS = Fact("weight-splits", Binding.OBJECTS, "WeightSplits: weight OCS splits")
 WEIGHT_SCALES = Fact("weight-scales", Binding.NAMES, "dict[str, WeightScale]: weight clip thresholds and scales")

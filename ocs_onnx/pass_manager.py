@@ -30,12 +30,16 @@ class GraphEffect(enum.Enum):
 
     # Leaves the graph as it is.
     READS = "reads"
-    # Edits the graph and keeps every fact about it true (the OCS and quantization passes,
-    # which write the facts they change).
+    # Edits the graph where earlier facts say (the OCS and quantization passes): the facts it
+    # produces record what it changed, and the earlier facts stay what they were, records of
+    # what the earlier passes decided (a layer's node and weight as selected, the planned
+    # tensors), which later passes read together with the newer facts.
     EDITS = "edits"
-    # Rewrites the graph's structure (folds, fuses, renames): facts about the graph are stale.
+    # Rewrites the graph's structure (folds, fuses, renames, converts; in place or as a new
+    # graph): facts about the graph are stale.
     REWRITES = "rewrites"
-    # Returns a new graph with the same tensor names: facts holding graph objects are stale.
+    # Returns a new graph with the same nodes and tensor names (shape inference): facts holding
+    # graph objects are stale, facts naming tensors are not.
     REPLACES = "replaces"
 
     def invalidates(self, fact: Fact) -> bool:
@@ -50,7 +54,7 @@ class GraphEffect(enum.Enum):
 class Pass:
     name: str
     summary: str
-    # Rewrites the graph in place and returns None; a REPLACES pass may return a new graph.
+    # Edits the graph in place and returns None; a REWRITES or REPLACES pass may return a new graph.
     run: Callable[[gs.Graph, CompileContext], gs.Graph | None]
     requires: tuple[Fact, ...] = ()
     produces: tuple[Fact, ...] = ()
@@ -169,7 +173,7 @@ class PassManager:
                 except Exception as exc:
                     raise PassFailure(p.name, done, exc) from exc
             if new_graph is not None:
-                if p.effect is not GraphEffect.REPLACES:
+                if p.effect not in (GraphEffect.REWRITES, GraphEffect.REPLACES):
                     raise PassFailure(p.name, done, TypeError("returned a new graph but declares it does not"))
                 graph = new_graph
             ctx.facts.invalidate(lambda fact, p=p: p.effect.invalidates(fact) and fact not in p.produces)

@@ -80,7 +80,14 @@ class _LayerView:
 
     @property
     def weight_shape_after(self) -> list[int]:
-        return list(self.split.constant.shape) if self.splits else self.weight_shape
+        return list(self.split.constant.shape) if self.split is not None and self.split.widened else self.weight_shape
+
+    @property
+    def copies(self) -> str | None:
+        """Where a split layer's input copies are made: "folded into <producer>" or "run time"."""
+        if not self.splits:
+            return None
+        return f"folded into {self.split.copies_folded_into}" if self.split.copies_folded_into else "run time"
 
     @property
     def not_split_reason(self) -> str | None:
@@ -119,6 +126,8 @@ def layer_entry(view: _LayerView, config: CompileConfig) -> dict:
         "channels_split": len(view.splits),
         "split_channels": [int(c) for c in split_channels],
         "activation_copies": [int(c) for c in view.copied_channels],
+        "input_copies": view.copies,
+        "output_channels_computed_twice": [int(c) for c in view.split.out_copies] if view.split is not None else [],
         "bits": config.weight_bits,
         "granularity": config.granularity,
         "scale": _scale_value(scale.scale) if scale is not None else None,
@@ -191,6 +200,7 @@ def build_report(ctx: CompileContext, model_in, output: tuple[int, int]) -> dict
             "quantized_layers": len(views),
             "split_layers": sum(1 for view in views if view.splits),
             "channels_split": sum(len(view.splits) for view in views),
+            "splits_folded": sum(1 for view in views if view.copies and view.copies != "run time"),
             "activations_split": len(activation_splits),
             "activation_channels_split": sum(len(s.channels) for s in activation_splits.values()),
             "quantized_weights_before": weights_before,
@@ -258,6 +268,12 @@ def summary_text(report: dict) -> str:
         f"weights {totals['quantized_weights_before']:,} -> {totals['quantized_weights_after']:,} (+{100 * totals['weight_overhead']:.2f} %)"
     )
     sqnr = totals["weight_sqnr_db"]
+    split_layers = totals["split_layers"]
+    if split_layers:
+        lines.append(
+            f"OCS copies computed by their producer for {totals['splits_folded']} of {split_layers} split layers "
+            "(the others copied at run time)"
+        )
     lines.append(
         f"weight SQNR, all layers: {_db(sqnr['without_ocs']).strip()} without OCS, {_db(sqnr['with_ocs']).strip()} with OCS"
     )

@@ -29,15 +29,45 @@ def clip_thresholds(w: np.ndarray, axis: int | None, config: CompileConfig) -> n
 
 
 def split_values(
-    unsplit: np.ndarray, in_axis: int, splits: list[int], qa_scale: np.ndarray | None = None, out_axis: int | None = None
+    unsplit: np.ndarray,
+    in_axis: int,
+    splits: list[int],
+    qa_scale: np.ndarray | None = None,
+    out_axis: int | None = None,
+    out_copies: tuple[int, list[int]] | None = None,
 ) -> ComputedValues:
     """A weight after its channel splits (naive halves, or quantization-aware pieces with
-    ``qa_scale``), computed from the unsplit weight whenever it is read, never stored."""
+    ``qa_scale``, one per output channel of ``unsplit`` along ``out_axis``), and with the
+    output rows ``out_copies = (axis, rows)`` appended once more (the layer computes copies of
+    those channels for a split layer after it), computed from the unsplit weight whenever it is
+    read, never stored."""
     shape = list(unsplit.shape)
     shape[in_axis] += len(splits)
+    if out_copies is not None:
+        shape[out_copies[0]] += len(out_copies[1])
     splits = list(splits)
-    return ComputedValues(
-        lambda: apply_channel_splits(unsplit, in_axis, splits, qa_scale=qa_scale, out_axis=out_axis),
-        shape,
-        unsplit.dtype,
-    )
+
+    def compute() -> np.ndarray:
+        w = apply_channel_splits(unsplit, in_axis, splits, qa_scale=qa_scale, out_axis=out_axis)
+        if out_copies is None:
+            return w
+        axis, rows = out_copies
+        return np.concatenate([w, np.take(w, rows, axis=axis)], axis=axis)
+
+    return ComputedValues(compute, shape, unsplit.dtype)
+
+
+def without_copies(values: np.ndarray, out_axis: int, copies: list[int]) -> np.ndarray:
+    """The weight (or per-channel values) without the appended copies of output rows."""
+    if not copies:
+        return values
+    return np.take(values, np.arange(values.shape[out_axis] - len(copies)), axis=out_axis)
+
+
+def with_copies(values: np.ndarray, copies: list[int]) -> np.ndarray:
+    """Per-output-channel values (scales, thresholds) with the copied channels' appended; a
+    scalar (one value per tensor) as it is."""
+    values = np.asarray(values)
+    if not copies or values.ndim == 0:
+        return values
+    return np.concatenate([values, values[copies]])

@@ -22,9 +22,11 @@ from . import (
 )
 
 DEFAULT_PASSES = [
+    # first: onnx's version converter adds nodes (unnamed, and Constant nodes) that the two
+    # passes after it then name and lift
+    opset.upgrade_opset,
     names.name_nodes,
     constants.constants_to_initializers,
-    opset.upgrade_opset,
     batchnorm.fold_batchnorm,
     shapes.infer_shapes,
     linear.canonicalize_linear,

@@ -22,7 +22,7 @@ import numpy as np
 from ocs_onnx.facts import ACTIVATION_QPARAMS, LAYERS, WEIGHT_SCALES, WEIGHT_SPLITS, Layer, WeightScale
 from ocs_onnx.pass_manager import compiler_pass
 from ocs_onnx.quant import max_abs, symmetric_scale
-from ocs_onnx.weights import clip_thresholds, scale_axis
+from ocs_onnx.weights import clip_thresholds, scale_axis, with_copies, without_copies
 
 
 # Levels an int32 bias may use: half the int32 range, the other half left to the accumulator.
@@ -36,13 +36,12 @@ def bias_scale_floor(bias: np.ndarray, input_scale: float, per_channel: bool) ->
     return floor if per_channel else np.asarray(floor.max(initial=0.0))
 
 
-def _float_bias(layer: Layer) -> np.ndarray | None:
+def _float_bias(layer: Layer, out_channels: int) -> np.ndarray | None:
     """The layer's constant float32 bias of one value per output channel (what becomes int32)."""
     node = layer.node
     if len(node.inputs) < 3 or not isinstance(node.inputs[2], gs.Constant):
         return None
     bias = node.inputs[2].values
-    out_channels = layer.model_weight.shape[layer.weight_out_axis]
     return bias if bias.dtype == np.float32 and bias.shape == (out_channels,) else None
 
 
@@ -56,14 +55,19 @@ def clip_weights(graph: gs.Graph, ctx: CompileContext) -> None:
         axis = scale_axis(layer, ctx.config.granularity)
         split = splits[layer.name]
         w = split.constant.values  # computed from the unsplit weight for a split layer: read once
-        threshold = clip_thresholds(w, axis, ctx.config)
+        out_channels = w.shape[layer.weight_out_axis]
+        # Rows the layer computes twice (for a split layer after it) get their original's
+        # threshold: the numbers are those the layer would get without them.
+        w = without_copies(w, layer.weight_out_axis, split.out_copies)
+        threshold = with_copies(clip_thresholds(w, axis, ctx.config), split.out_copies)
+        peak = with_copies(max_abs(w, axis), split.out_copies)
         scale = symmetric_scale(threshold, ctx.config.weight_bits)
         raised = 0
-        bias, x = _float_bias(layer), layer.node.inputs[0].name
+        bias, x = _float_bias(layer, out_channels), layer.node.inputs[0].name
         if bias is not None and x in qparams:
             floor = bias_scale_floor(bias, qparams[x].scale, per_channel=axis is not None)
             raised = int(np.count_nonzero(floor > scale))
             scale = np.maximum(scale, floor).astype(scale.dtype) if raised else scale
-        scales[layer.name] = WeightScale(max_abs(w, axis), threshold, scale, raised)
+        scales[layer.name] = WeightScale(peak, threshold, scale, raised)
         ctx.done_with(split.unsplit)
     ctx.facts[WEIGHT_SCALES] = scales

@@ -15,7 +15,7 @@ from ocs_onnx.pass_manager import GraphEffect, compiler_pass
 MIN_OPSET = 13
 
 
-@compiler_pass("upgrade-opset", produces=(OPSET_13,), effect=GraphEffect.REPLACES)
+@compiler_pass("upgrade-opset", produces=(OPSET_13,), effect=GraphEffect.REWRITES)
 def upgrade_opset(graph: gs.Graph, ctx: CompileContext) -> gs.Graph | None:
     """Opsets below 13 are converted with onnx's version converter (per-axis DequantizeLinear
     needs 13) or refused."""

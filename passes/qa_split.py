@@ -30,6 +30,10 @@ def qa_split(graph: gs.Graph, ctx: CompileContext) -> None:
         if not split.splits:
             continue
         axis = scale_axis(layer, ctx.config.granularity)
+        scale = scales[layer.name].scale
+        if axis is not None:  # the pieces are cut on the layer's own rows, before its copied ones
+            scale = scale[: len(scale) - len(split.out_copies)]
+        copies = (layer.weight_out_axis, split.out_copies) if split.out_copies else None
         split.constant.values = split_values(
-            split.unsplit, layer.weight_in_axis, split.splits, qa_scale=scales[layer.name].scale, out_axis=axis
+            split.unsplit, layer.weight_in_axis, split.splits, qa_scale=scale, out_axis=axis, out_copies=copies
         )

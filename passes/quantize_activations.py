@@ -19,6 +19,7 @@ from ocs_onnx.facts import (
     QUANTIZED_ACTIVATIONS,
     QUANTIZED_WEIGHTS,
     WEIGHT_SCALES,
+    WEIGHT_SPLITS,
     Layer,
 )
 from ocs_onnx.pass_manager import GraphEffect, compiler_pass
@@ -92,7 +93,9 @@ def _insert_qdq(
     return dequantized
 
 
-def _quantize_bias(ctx: CompileContext, layer: Layer, weight_scale: np.ndarray, input_scale: float) -> gs.Node | None:
+def _quantize_bias(
+    ctx: CompileContext, layer: Layer, out_channels: int, weight_scale: np.ndarray, input_scale: float
+) -> gs.Node | None:
     """Replaces the layer's float bias by int32 + DequantizeLinear; returns that node."""
     node = layer.node
     if len(node.inputs) < 3 or not isinstance(node.inputs[2], gs.Constant):
@@ -100,7 +103,6 @@ def _quantize_bias(ctx: CompileContext, layer: Layer, weight_scale: np.ndarray, 
     if layer.op == "Gemm" and (node.attrs.get("alpha", 1.0) != 1.0 or node.attrs.get("beta", 1.0) != 1.0):
         return None  # QGemm's int32 bias has scale input x weight; alpha/beta would change that
     bias = node.inputs[2].values
-    out_channels = layer.model_weight.shape[layer.weight_out_axis]
     if bias.dtype != np.float32 or bias.shape != (out_channels,):
         return None
     # float32 product, as onnxruntime computes the accumulator scale.
@@ -125,7 +127,8 @@ def _quantize_bias(ctx: CompileContext, layer: Layer, weight_scale: np.ndarray, 
 # after the weights: an int32 bias has scale input x weight scale, and its layer reads the
 # dequantized weight by then
 @compiler_pass("quantize-activations",
-               requires=(LAYERS, ACTIVATION_QPARAMS, WEIGHT_SCALES, QUANTIZED_WEIGHTS, QA_ACTIVATION_OFFSETS),
+               requires=(LAYERS, ACTIVATION_QPARAMS, WEIGHT_SPLITS, WEIGHT_SCALES, QUANTIZED_WEIGHTS,
+                         QA_ACTIVATION_OFFSETS),
                produces=(QUANTIZED_ACTIVATIONS,), effect=GraphEffect.EDITS)
 def quantize_activations(graph: gs.Graph, ctx: CompileContext) -> None:
     """Q/DQ pairs on activations (below 8 bits behind a Clip to the k-bit grid); biases become
@@ -139,10 +142,11 @@ def quantize_activations(graph: gs.Graph, ctx: CompileContext) -> None:
     for name, qp in ctx.facts[ACTIVATION_QPARAMS].items():
         dequantized = _insert_qdq(graph, ctx, tensors[name], qp, ctx.config.abits)
         input_scales[dequantized.name] = qp.scale
-    scales = ctx.facts[WEIGHT_SCALES]
+    scales, splits = ctx.facts[WEIGHT_SCALES], ctx.facts[WEIGHT_SPLITS].layers
     for layer in ctx.facts[LAYERS]:
         x = layer.node.inputs[0]
         if x.name in input_scales:
-            bias_node = _quantize_bias(ctx, layer, scales[layer.name].scale, input_scales[x.name])
+            out_channels = splits[layer.name].constant.shape[layer.weight_out_axis]
+            bias_node = _quantize_bias(ctx, layer, out_channels, scales[layer.name].scale, input_scales[x.name])
             if bias_node is not None:
                 graph.nodes.append(bias_node)

@@ -33,18 +33,24 @@ from ocs_onnx.quant import (
     sqnr_db,
     symmetric_scale,
 )
-from ocs_onnx.weights import clip_thresholds, scale_axis
+from ocs_onnx.weights import clip_thresholds, scale_axis, without_copies
 
 
 def weight_quality(
-    split: WeightSplit, scale: WeightScale, in_axis: int, q: np.ndarray, axis: int | None, ctx: CompileContext
+    split: WeightSplit,
+    scale: WeightScale,
+    in_axis: int,
+    split_out_axis: int,
+    q: np.ndarray,
+    axis: int | None,
+    ctx: CompileContext,
 ) -> WeightQuality:
     """SQNR of the layer's effective weight, and of the same clip method without OCS."""
     bits = ctx.config.weight_bits
     w0 = split.unsplit
     plain_scale = symmetric_scale(clip_thresholds(w0, axis, ctx.config), bits)
     without_ocs = sqnr_db(w0, fake_quantize_symmetric(w0, plain_scale, bits, axis))
-    effective = dequantize(q, scale.scale, axis)
+    effective = without_copies(dequantize(q, scale.scale, axis), split_out_axis, split.out_copies)
     if split.splits:
         effective = merge_split_channels(effective, in_axis, split.channel_origins, w0.shape[in_axis])
     return WeightQuality(float(np.sum(np.square(w0, dtype=np.float64))), without_ocs, sqnr_db(w0, effective))
@@ -77,7 +83,7 @@ def quantize_weights(graph: gs.Graph, ctx: CompileContext) -> None:
         split, scale = splits[layer.name], scales[layer.name]
         axis = scale_axis(layer, ctx.config.granularity)
         q = quantize_symmetric(split.constant.values, scale.scale, bits, axis)
-        quality[layer.name] = weight_quality(split, scale, layer.weight_in_axis, q, axis, ctx)
+        quality[layer.name] = weight_quality(split, scale, layer.weight_in_axis, layer.weight_out_axis, q, axis, ctx)
         key = id(split.constant)
         if key not in done:
             done[key] = _dequantize_node(ctx, layer.name, split.constant, scale.scale, q, axis)

@@ -21,6 +21,8 @@ scale and are applied by ``qa-split`` once ``clip-weights`` has chosen it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -41,6 +43,7 @@ from ocs_onnx.quant import (
     symmetric_scale,
 )
 from ocs_onnx.weights import clip_thresholds, scale_axis, split_values
+from ocs_onnx.widening import find_region, widen
 
 
 def _widen_input(
@@ -69,11 +72,26 @@ def quantization_error(layer: Layer, w0: np.ndarray, splits: list[int], config: 
     return float(np.sum((w0.astype(np.float64) - merged) ** 2))
 
 
-def _split_layer(
-    layer: Layer, weight: gs.Constant, ctx: CompileContext, shared: dict, widened_inputs: dict[str, str]
-) -> WeightSplit:
+@dataclass
+class _Plan:
+    """One layer's splits, decided before any graph edit."""
+
+    layer: Layer
+    weight: gs.Constant
+    splits: list[int]
+    origins: list[int]
+    reason: str | None
+
+    @property
+    def copies(self) -> list[int]:
+        return self.origins[len(self.origins) - len(self.splits) :]
+
+
+def _plan_splits(layer: Layer, weight: gs.Constant, ctx: CompileContext) -> _Plan:
     w = weight.values
     channels = w.shape[layer.weight_in_axis]
+    if not (layer.splittable and ctx.config.ratio > 0):
+        return _Plan(layer, weight, [], channel_origins(channels, []), layer.split_refused)
     splits = plan_channel_splits(w, layer.weight_in_axis, split_count(ctx.config.ratio, channels))
     reason = None
     if splits and ctx.config.ocs_guard:
@@ -83,42 +101,87 @@ def _split_layer(
             reason = "splitting did not lower this layer's weight quantization error"
             splits = []
     ctx.done_with(w)
-    origins = channel_origins(channels, splits)
-    if not splits:
-        return WeightSplit(w, weight, [], origins, reason)
-    node = layer.node
-    split_weight = ComputedConstant(
-        ctx.unique_name(f"{weight.name}_ocs"), split_values(w, layer.weight_in_axis, splits)
-    )
-    node.inputs[1] = split_weight
-
-    x = node.inputs[0]
-    copies = origins[channels:]
-    key = (x.name, layer.input_channel_axis, tuple(copies))
-    if key not in shared:
-        shared[key] = _widen_input(ctx, node, x, layer.input_channel_axis, copies, widened_inputs)
-    node.inputs[0] = shared[key][1]
-    return WeightSplit(w, split_weight, splits, origins, None)
+    return _Plan(layer, weight, splits, channel_origins(channels, splits), reason)
 
 
-# after activation OCS: weight OCS splits the widened weight the layer will run with
+def _fold_into_producer(
+    group: list[_Plan], graph_outputs: set[str], layer_of: dict[int, Layer], out_copies: dict[str, list[int]], ctx
+) -> str | None:
+    """Widens the producer of the layers' shared input so that it computes the copies; returns
+    the producer's name, or None where the input has no region to widen."""
+    first = group[0].layer
+    x = first.node.inputs[0]
+    rank = x.shape and len(x.shape)
+    axis = first.input_channel_axis
+    if axis >= 0:
+        if not rank:
+            return None
+        axis -= rank
+    channels = group[0].weight.values.shape[first.weight_in_axis]
+    region = find_region(x, {id(plan.layer.node) for plan in group}, graph_outputs, axis, channels)
+    if region is None:
+        return None
+    quantized = {id(node) for node in [region.root, *region.nodes] if id(node) in layer_of}
+    owners = [layer_of[id(node)] for node in [region.root, *region.nodes] if id(node) in quantized]
+    if any(owner.name in out_copies for owner in owners):
+        return None  # already widened for another input's copies
+    for owner in widen(region, group[0].copies, ctx.unique_name, quantized):
+        out_copies[layer_of[id(owner)].name] = list(group[0].copies)
+    return region.root.name
+
+
 @compiler_pass("weight-ocs", requires=(LAYERS, ACTIVATION_SPLITS), produces=(WEIGHT_SPLITS,), effect=GraphEffect.EDITS)
 def weight_ocs(graph: gs.Graph, ctx: CompileContext) -> None:
-    """`ceil(r*C_in)` splits per layer on the input channel holding the largest abs weight, kept
-    if they lower the weight quantization error; weight rows duplicated, input widened with
-    `Concat(x, Slice(x, c), ...)`."""
-    activation_splits = ctx.facts[ACTIVATION_SPLITS]
+    """`ceil(r*C_in)` splits per layer on the input channel holding the largest abs weight, kept if they lower the
+    weight quantization error; weight rows duplicated; the input's copies computed by its producer (widened) or
+    by `Concat(x, Slice(x, c), ...)`."""
+    activation_splits, layers = ctx.facts[ACTIVATION_SPLITS], ctx.facts[LAYERS]
+    plans = [_plan_splits(layer, activation_splits.weight_of(layer), ctx) for layer in layers]
+    # Layers that read the same tensor and copy the same channels share one widening of it.
+    groups: dict[tuple, list[_Plan]] = {}
+    for plan in plans:
+        if plan.splits:
+            key = (plan.layer.node.inputs[0].name, plan.layer.input_channel_axis, tuple(plan.copies))
+            groups.setdefault(key, []).append(plan)
+    graph_outputs = {t.name for t in graph.outputs}
+    layer_of = {id(layer.node): layer for layer in layers}
+    out_copies: dict[str, list[int]] = {}
+    folded_into: dict[str, str | None] = {}
     shared: dict = {}
     widened_inputs: dict[str, str] = {}
-    layers: dict[str, WeightSplit] = {}
-    for layer in ctx.facts[LAYERS]:
-        weight = activation_splits.weight_of(layer)
-        if layer.splittable and ctx.config.ratio > 0:
-            layers[layer.name] = _split_layer(layer, weight, ctx, shared, widened_inputs)
-        else:
-            w = weight.values
-            origins = channel_origins(w.shape[layer.weight_in_axis], [])
-            layers[layer.name] = WeightSplit(w, weight, [], origins, layer.split_refused)
+    readers = {}
+    for key, group in groups.items():
+        readers.setdefault(key[0], []).append(group)
+    for key, group in groups.items():
+        # the input's readers must all want these copies for its producer to compute them
+        root = None
+        if ctx.config.fold_ocs_copies and len(readers[key[0]]) == 1:
+            root = _fold_into_producer(group, graph_outputs, layer_of, out_copies, ctx)
+        for plan in group:
+            folded_into[plan.layer.name] = root
+        if root is None:
+            x = group[0].layer.node
+            shared[key] = _widen_input(ctx, x, x.inputs[0], key[1], list(key[2]), widened_inputs)
+    result: dict[str, WeightSplit] = {}
+    for plan in plans:
+        layer, w = plan.layer, plan.weight.values
+        copies = out_copies.get(layer.name, [])
+        if not plan.splits and not copies:
+            result[layer.name] = WeightSplit(w, plan.weight, [], plan.origins, plan.reason)
+            continue
+        values = split_values(
+            w, layer.weight_in_axis, plan.splits, out_copies=(layer.weight_out_axis, copies) if copies else None
+        )
+        constant = ComputedConstant(ctx.unique_name(f"{plan.weight.name}_ocs"), values)
+        layer.node.inputs[1] = constant
+        if plan.splits:
+            key = (layer.node.inputs[0].name, layer.input_channel_axis, tuple(plan.copies))
+            if key in shared:
+                layer.node.inputs[0] = shared[key][1]
+        reason = plan.reason if not plan.splits else None
+        result[layer.name] = WeightSplit(
+            w, constant, plan.splits, plan.origins, reason, copies, folded_into.get(layer.name)
+        )
     for nodes, _ in shared.values():
         graph.nodes.extend(nodes)
-    ctx.facts[WEIGHT_SPLITS] = WeightSplits(layers, widened_inputs)
+    ctx.facts[WEIGHT_SPLITS] = WeightSplits(result, widened_inputs)

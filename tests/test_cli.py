@@ -49,7 +49,7 @@ def test_list_passes_shows_the_pipeline_in_order(capsys):
     # one line per pass ("NN. name summary"), then its contract on an indented line
     names = [line.split()[1] for line in out.strip().splitlines() if not line.startswith(" " * 10)]
     assert code == 0
-    assert names[:2] == ["name-nodes", "constants-to-initializers"]
+    assert names[:3] == ["upgrade-opset", "name-nodes", "constants-to-initializers"]
     # Activation OCS needs calibration statistics, and weight OCS splits the weights as widened by it.
     assert names.index("calibrate") < names.index("activation-ocs") < names.index("weight-ocs")
     assert names.index("weight-ocs") < names.index("clip-weights") < names.index("quantize-weights")
@@ -218,7 +218,7 @@ def test_output_bytes_are_identical_across_processes_with_different_hash_seeds(d
             str(digits.CALIBRATION),
             "-q",
         ]
-        result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path)  # cwd: the installed ocs_onnx, not the checkout's folder
         assert result.returncode == 0, result.stderr
         outputs.append(out.read_bytes())
     assert outputs[0] == outputs[1]
@@ -228,8 +228,8 @@ def test_a_traceback_is_shown_only_with_debug(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a model")
     cmd = [sys.executable, "-m", "ocs_onnx", "compile", str(bad)]
-    plain = subprocess.run(cmd, capture_output=True, text=True)
-    debug = subprocess.run(cmd + ["--debug"], capture_output=True, text=True)
+    plain = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)  # cwd: the installed ocs_onnx, not the checkout's folder
+    debug = subprocess.run(cmd + ["--debug"], capture_output=True, text=True, cwd=tmp_path)
     assert plain.returncode == debug.returncode == errors.INVALID_MODEL
     assert "Traceback" not in plain.stderr and "Traceback" in debug.stderr
 

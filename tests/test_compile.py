@@ -97,15 +97,26 @@ def test_ocs_improves_weight_sqnr_over_no_splitting(test_model, bits, granularit
 
 
 @pytest.mark.parametrize("ratio", [0.01, 0.02, 0.05])
-def test_weight_overhead_stays_within_ratio_plus_one_percent(ratio):
-    # ceil(r * C) adds at most one channel beyond r * C: within r + 1 % once layers have >= 100 inputs
+def test_weight_overhead_stays_within_ratio_plus_one_percent_with_copies_made_at_run_time(ratio):
+    # ceil(r * C) adds at most one channel beyond r * C: within r + 1 % once layers have >= 100
+    # inputs. (Copies computed by a producer add its duplicated rows too: up to about twice that.)
     for model in (
         builders.conv_bn_residual_net(channels=128),
         builders.mlp_gemm(sizes=(128, 256, 256, 10)),
         builders.transformer_block(d_model=128, d_ff=256),
     ):
-        _, report = ocs_onnx.compile(model, wbits=6, abits=None, ratio=ratio, verify=False)
+        _, report = ocs_onnx.compile(model, wbits=6, abits=None, ratio=ratio, verify=False, fold_ocs_copies=False)
         assert 0 < report["totals"]["weight_overhead"] <= ratio + 0.01
+
+
+def test_copies_computed_by_the_producer_count_its_extra_rows_in_the_overhead():
+    model = builders.mlp_gemm(sizes=(128, 256, 256, 10))
+    _, report = ocs_onnx.compile(model, wbits=6, abits=None, ratio=0.02, verify=False)
+    layers = report["layers"]
+    assert report["totals"]["splits_folded"] >= 1
+    added = sum(int(np.prod(layer["weight_shape_after"]) - np.prod(layer["weight_shape"])) for layer in layers)
+    assert any(layer["output_channels_computed_twice"] for layer in layers)  # a producer's extra rows
+    assert report["totals"]["quantized_weights_after"] - report["totals"]["quantized_weights_before"] == added
 
 
 # --------------------------------------------------------------------------------------------

@@ -143,7 +143,8 @@ def test_external_data_output_bytes_are_identical_across_processes_with_differen
     for seed in ("1", "2"):
         out = tmp_path / f"q{seed}.onnx"
         command = [sys.executable, "-m", "ocs_onnx", "compile", str(model), "-o", str(out), "--external-data", *COMPILE]
-        result = subprocess.run(command, env=dict(os.environ, PYTHONHASHSEED=seed), capture_output=True, text=True)
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tmp_path)  # cwd: the installed ocs_onnx, not the checkout's folder
         assert result.returncode == 0, result.stderr
         # the model names its data file, so only the data bytes can be compared directly
         outputs.append((out.read_bytes().replace(b"q1.onnx.data", b"q2.onnx.data"), Path(f"{out}.data").read_bytes()))

@@ -134,7 +134,7 @@ def test_an_internal_error_inside_a_pass_names_the_pass_and_those_before(tmp_pat
     code = cli.main(["compile", str(path), "-q"])
     err = capsys.readouterr().err
     assert code == 1
-    assert "internal error in pass 'clip-weights' (after name-nodes, constants-to-initializers," in err
+    assert "internal error in pass 'clip-weights' (after upgrade-opset, name-nodes, constants-to-initializers," in err
     assert "weight-ocs, clip-activations): KeyError: 'fc1.weight'" in err
     assert not (tmp_path / "mlp.q.onnx").exists()
 

@@ -1,0 +1,119 @@
+"""Latency of compiled models against their float model, measured in one process.
+
+For each model (the demo and, with the bench extra, PP-OCRv5 rec/cls/det from the zoo) it
+compiles the configurations below, then times every session in interleaved rounds (float,
+then each compiled model, round after round, so that the machine's drift hits all alike) and
+prints the median of each model's time over the float model's time in the same round. Two
+settings: one thread at batch 1, and all cores at batch 8. It also prints how many split layers
+had their copies computed by their producer, and (``--metrics``) the task metric of each model.
+
+    python tools/latency.py                      # the demo
+    python tools/latency.py --models demo ppocrv5-cls ppocrv5-rec ppocrv5-det --metrics
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # the checkout, after the installed ocs_onnx: for models/
+sys.path.append(str(Path(__file__).resolve().parent))  # tools/, for bench.py's model registry
+
+import ocs_onnx  # noqa: E402
+from bench import registry  # noqa: E402
+
+# (label, compile options): ratio 0 is the baseline OCS is judged against.
+CONFIGS = [
+    ("W8A8 ratio 0", dict(ratio=0.0)),
+    ("W8A8 ratio 0.02", dict(ratio=0.02)),
+    ("W8A8 ratio 0.02, copies at run time", dict(ratio=0.02, fold_ocs_copies=False)),
+    ("W6A8 ratio 0.02", dict(wbits=6, ratio=0.02)),
+]
+SETTINGS = [("1 thread, batch 1", 1, 1), ("all cores, batch 8", 0, 8)]
+
+
+def session(path: Path, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def latency_ratios(paths: list[Path], feed: dict[str, np.ndarray], threads: int, rounds: int) -> list[float]:
+    """Median over interleaved rounds of each model's time / the first model's time."""
+    sessions = [session(path, threads) for path in paths]
+    for s in sessions:
+        s.run(None, feed)  # warm-up
+    ratios = []
+    for _ in range(rounds):
+        times = []
+        for s in sessions:
+            start = time.perf_counter()
+            s.run(None, feed)
+            times.append(time.perf_counter() - start)
+        ratios.append([t / times[0] for t in times])
+    return [float(v) for v in np.median(np.asarray(ratios), axis=0)]
+
+
+def _batch(feed: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    return {name: np.concatenate([array] * -(-size // len(array)))[:size] for name, array in feed.items()}
+
+
+def measure(name: str, work: Path, rounds: int, metrics: bool) -> list[str]:
+    subject = registry()[name](work)
+    paths, rows = [Path(subject.model)], []
+    for label, options in CONFIGS:
+        output = work / f"{name}-{len(paths)}.onnx"
+        _, report = ocs_onnx.compile_file(subject.model, output, calib_data=subject.calibration, **options)
+        totals = report["totals"]
+        folded = f"{totals['splits_folded']} of {totals['split_layers']}" if totals["split_layers"] else "-"
+        rows.append([label, folded, f"{100 * totals['weight_overhead']:.2f}"])
+        paths.append(output)
+    lines = []
+    for setting, threads, batch in SETTINGS:
+        ratios = latency_ratios(paths, _batch(subject.latency_feed, batch), threads, rounds)
+        for row, ratio in zip(rows, ratios[1:]):
+            row.append(f"{ratio:.2f}")
+    if metrics:
+        float_metric = subject.evaluate(Path(subject.model))
+        headline = next(iter(float_metric))
+        lines.append(f"{subject.name}: float {headline} {float_metric[headline]:.1f}")
+        for row, path in zip(rows, paths[1:]):
+            row.append(f"{subject.evaluate(path)[headline]:.1f}")
+    for row in rows:
+        lines.append(f"| {subject.name} | " + " | ".join(row) + " |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["demo"], choices=sorted(registry()))
+    parser.add_argument("--rounds", type=int, default=30, help="interleaved timing rounds per setting")
+    parser.add_argument("--metrics", action="store_true", help="also evaluate each model's task metric")
+    args = parser.parse_args(argv)
+    header = "| model | config | splits folded | weight overhead % | " + " | ".join(
+        f"latency vs float, {s[0]}" for s in SETTINGS
+    )
+    header += " | task metric |" if args.metrics else " |"
+    print(f"onnxruntime {ort.__version__}, {os.cpu_count()} cores, median of {args.rounds} interleaved rounds")
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            work = Path(tmp) / name
+            work.mkdir()
+            for line in measure(name, work, args.rounds, args.metrics):
+                print(line, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
