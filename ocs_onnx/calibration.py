@@ -231,6 +231,8 @@ def open_calibration_data(path: Path, specs: list[InputSpec]) -> CalibrationData
     else:
         if path.suffix not in (".npz", ".npy"):
             raise CalibrationDataError(f"{path}: expected an .npz file or a folder of .npz/.npy files")
+        if not path.is_file():  # reading a pipe or /dev/zero would never end
+            raise CalibrationDataError(f"{path}: not a regular file (a device, pipe or socket)")
         files = [path]
     groups = []
     for file in files:

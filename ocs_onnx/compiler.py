@@ -186,6 +186,9 @@ def compile_file(
     input_path = Path(input_path)
     output_path = Path(output_path) if output_path is not None else default_output_path(input_path)
     report_path = Path(report_path) if report_path is not None else None
+    for path, flag in ((input_path, "MODEL"), (output_path, "-o"), (report_path, "--report")):
+        if path is not None and not path.name:  # '' (click makes it '.') or a path ending in '..'
+            raise UsageError(f"{flag} {str(path)!r}: not a file path")
     outputs = planned_outputs(output_path, report_path, config.dump_after)
     check_output_paths(input_files([input_path], config.calib_data), outputs)
     source = load_model(input_path)

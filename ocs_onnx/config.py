@@ -85,6 +85,8 @@ class CompileConfig:
             or not 0 < self.percentile <= 100
         ):
             raise UsageError(f"--percentile must be a number in (0, 100], got {self.percentile!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise UsageError(f"--seed must be a non-negative integer, got {self.seed!r}")
         for name in ("calib_samples", "calib_batch"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -121,9 +121,8 @@ def _fold_into_producer(
     region = find_region(x, {id(plan.layer.node) for plan in group}, graph_outputs, axis, channels)
     if region is None:
         return None
-    quantized = {id(node) for node in [region.root, *region.nodes] if id(node) in layer_of}
-    owners = [layer_of[id(node)] for node in [region.root, *region.nodes] if id(node) in quantized]
-    if any(owner.name in out_copies for owner in owners):
+    quantized = {id(region.root)} if id(region.root) in layer_of else set()
+    if id(region.root) in quantized and layer_of[id(region.root)].name in out_copies:
         return None  # already widened for another input's copies
     for owner in widen(region, group[0].copies, ctx.unique_name, quantized):
         out_copies[layer_of[id(owner)].name] = list(group[0].copies)

@@ -795,3 +795,24 @@ def test_an_output_listed_twice_keeps_its_name_in_both_places():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     quantized, _ = ocs_onnx.compile(model)
     assert [(o.name, o.type) for o in quantized.graph.output] == [(o.name, o.type) for o in model.graph.output]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink to a device"])
+def test_calibration_data_that_is_not_a_regular_file_is_refused_without_reading_it(kind, tmp_path, capsys):
+    model = save(small_mlp(), tmp_path / "model.onnx")
+    calib = tmp_path / ("calib.npz" if kind == "fifo" else "calib.npy")
+    if kind == "fifo":
+        os.mkfifo(calib)  # opening it for reading would wait for a writer forever
+    else:
+        calib.symlink_to("/dev/zero")  # reading it would never end
+    listing = set(os.listdir(tmp_path))
+    code, err = run_cli(capsys, "compile", model, "--calib-data", calib)
+    assert_clean_failure(code, err, errors.CALIBRATION_DATA, tmp_path, listing, "not a regular file")
+
+
+@pytest.mark.parametrize("args, fragment", [(["--seed", "-1"], "--seed"), (["-o", ""], "-o"), (["--report", ""], "--report")])
+def test_a_negative_seed_or_an_empty_path_is_a_usage_error(args, fragment, tmp_path, capsys):
+    model = save(small_mlp(), tmp_path / "model.onnx")
+    listing = set(os.listdir(tmp_path))
+    code, err = run_cli(capsys, "compile", model, *args)
+    assert_clean_failure(code, err, errors.USAGE, tmp_path, listing, fragment)
