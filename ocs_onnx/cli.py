@@ -6,8 +6,11 @@ README); ``--debug`` adds the traceback.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -278,11 +281,43 @@ def compile_command(
     log.info("wrote %s%s", " and ".join(written), f" and {report_path}" if report_path else "")
 
 
+class Signalled(BaseException):
+    """SIGINT or SIGTERM: unwinds the compile like an exception, so that every temporary file
+    and folder it made is removed on the way out (not an Exception: nothing may swallow it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_signalled(signum, frame):
+    raise Signalled(signum)
+
+
+@contextlib.contextmanager
+def _signals_unwind():
+    """SIGINT and SIGTERM raise Signalled while the block runs (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _raise_signalled) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def main(argv=None) -> int:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
-        cli.main(args=argv, prog_name="ocs-onnx", standalone_mode=False)
+        with _signals_unwind():
+            cli.main(args=argv, prog_name="ocs-onnx", standalone_mode=False)
         return 0
+    except Signalled as exc:
+        name = "interrupted" if exc.signum == signal.SIGINT else "terminated"
+        click.echo(f"ocs-onnx: {name}; nothing was written", err=True)
+        return 128 + exc.signum
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.exceptions.Abort:

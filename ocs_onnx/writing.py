@@ -4,7 +4,9 @@ models are streamed tensor by tensor; large outputs put their weights in a data 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -140,26 +142,12 @@ def serialized_model(graph: gs.Graph) -> tuple[Callable[[BinaryIO], None], int]:
 def write_files_atomic(files: dict[Path, Contents]) -> None:
     """Writes every file to a temporary file beside it first, and renames them only once all
     are written: a failure (full disk, interrupt) leaves none of them and no temporary file.
-    A file's contents are bytes or a function writing them to the open file."""
+    A rename that fails after others succeeded rolls those back (the files they replaced
+    return). A file's contents are bytes or a function writing them to the open file."""
     pending: dict[Path, str] = {}
     try:
-        for path, contents in files.items():
-            path = Path(path)
-            folder = path.parent if str(path.parent) else Path(".")
-            if not folder.is_dir():
-                raise UsageError(f"cannot write {path}: folder {folder} does not exist")
-            fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-            pending[path] = tmp_name
-            with os.fdopen(fd, "wb") as f:
-                if callable(contents):
-                    contents(f)
-                else:
-                    f.write(contents)
-                f.flush()
-                os.fsync(f.fileno())
-        for path, tmp_name in list(pending.items()):
-            os.replace(tmp_name, path)
-            del pending[path]
+        _write_pending(files, pending)
+        _rename_all(pending)
     except BaseException:
         for tmp_name in pending.values():
             try:
@@ -167,6 +155,57 @@ def write_files_atomic(files: dict[Path, Contents]) -> None:
             except FileNotFoundError:
                 pass
         raise
+
+
+def _rename_all(pending: dict[Path, str]) -> None:
+    """Renames every temporary file to its path; on a failure, undoes the renames done."""
+    backups: dict[Path, str | None] = {}  # path -> a hard link to the file it replaced, or None
+    try:
+        for path, tmp_name in list(pending.items()):
+            backup = None
+            if path.is_file():
+                # a second name for the file being replaced (linking fails if the name exists)
+                backup = tempfile.mktemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old")
+                try:
+                    os.link(path, backup)
+                except OSError:  # a file system without hard links: a copy
+                    shutil.copy2(path, backup)
+            backups[path] = backup
+            os.replace(tmp_name, path)
+            del pending[path]
+    except BaseException:
+        for path, backup in backups.items():
+            if path in pending:
+                continue  # not renamed
+            with contextlib.suppress(OSError):
+                if backup is None:
+                    os.unlink(path)
+                else:
+                    os.replace(backup, path)
+        raise
+    finally:
+        for backup in backups.values():
+            if backup is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(backup)
+
+
+def _write_pending(files: dict[Path, Contents], pending: dict[Path, str]) -> None:
+    """Writes each file's contents to a temporary file beside it (recorded in ``pending``)."""
+    for path, contents in files.items():
+        path = Path(path)
+        folder = path.parent if str(path.parent) else Path(".")
+        if not folder.is_dir():
+            raise UsageError(f"cannot write {path}: folder {folder} does not exist")
+        fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+        pending[path] = tmp_name
+        with os.fdopen(fd, "wb") as f:
+            if callable(contents):
+                contents(f)
+            else:
+                f.write(contents)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def save_graph_atomic(graph: gs.Graph, path: Path, external_data: bool = False) -> None:

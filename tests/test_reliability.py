@@ -9,6 +9,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -816,3 +817,45 @@ def test_a_negative_seed_or_an_empty_path_is_a_usage_error(args, fragment, tmp_p
     listing = set(os.listdir(tmp_path))
     code, err = run_cli(capsys, "compile", model, *args)
     assert_clean_failure(code, err, errors.USAGE, tmp_path, listing, fragment)
+
+
+@pytest.mark.parametrize("signum, code", [(15, 143), (2, 130)])
+def test_a_signal_during_a_compile_leaves_nothing_behind(signum, code, tmp_path):
+    # a compile long enough to be caught in the middle (calibration of a wider net)
+    model = save(builders.conv_bn_residual_net(channels=96), tmp_path / "model.onnx")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    listing = set(os.listdir(tmp_path))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"TMPDIR": str(scratch)}
+    command = [sys.executable, "-m", "ocs_onnx", "compile", str(model), "--calib-samples", "4096", "-q"]
+    # importing onnxruntime leaves a session-id file of its own (.ses) in $TMPDIR: not ours
+    subprocess.run([sys.executable, "-c", "import onnxruntime"], env=env, check=True)
+    scratch_listing = set(os.listdir(scratch))
+    child = subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    time.sleep(6)  # past start-up, inside the compile
+    child.send_signal(signum)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == code, err
+    assert err.strip().splitlines() == [f"ocs-onnx: {'terminated' if signum == 15 else 'interrupted'}; nothing was written"]
+    assert set(os.listdir(tmp_path)) == listing
+    assert set(os.listdir(scratch)) == scratch_listing
+
+
+def test_a_rename_that_fails_after_another_succeeded_rolls_the_first_back(tmp_path, monkeypatch):
+    (tmp_path / "model.q.onnx").write_bytes(b"the previous model")
+    real_replace = os.replace
+    renames = []
+
+    def second_rename_fails(src, dst):
+        renames.append(dst)
+        if len(renames) == 2:
+            raise OSError(30, "Read-only file system")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", second_rename_fails)
+    with pytest.raises(OSError, match="Read-only"):
+        write_files_atomic({tmp_path / "model.q.onnx": b"new model", tmp_path / "report.json": b"{}"})
+    monkeypatch.setattr(os, "replace", real_replace)
+    # the replaced model is back, the report never appeared, nothing temporary is left
+    assert sorted(os.listdir(tmp_path)) == ["model.q.onnx"]
+    assert (tmp_path / "model.q.onnx").read_bytes() == b"the previous model"
