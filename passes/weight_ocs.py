@@ -6,8 +6,11 @@ layer's input gets the same channels appended, so the layer computes
 
     y = sum_i x_i * W_i  =  ... + x_c * W_c/2 + x_c * W_c/2
 
-The widened input is ``Concat(x, Slice(x, c1), ...)`` (see ``channels.py`` for why). Layers that
-read the same tensor and duplicate the same channels share these nodes.
+Where x is computed from a Conv/Gemm/MatMul through per-channel ops that nothing else reads, that
+producer computes the copies itself: its output rows for them are duplicated
+(``ocs_onnx/widening.py``). Elsewhere the widened input is ``Concat(x, Slice(x, c1), ...)`` at
+run time (see ``ocs_onnx/channels.py`` for why that form). Layers that read the same tensor and
+duplicate the same channels share one widening.
 
 A layer keeps its splits only if they lower its weight quantization error (the squared error of
 the weight the quantized layer effectively applies, at the configured bits, granularity and clip
