@@ -153,6 +153,10 @@ def check_output_paths(inputs: list[tuple[Path, str]], outputs: list[tuple[Path,
     for index, (path, flag) in enumerate(outputs):
         if not path.parent.is_dir():
             raise UsageError(f"{flag} {path}: folder {path.parent} does not exist")
+        if not os.access(path.parent, os.W_OK | os.X_OK):  # also a read-only file system
+            raise UsageError(f"{flag} {path}: folder {path.parent} is not writable")
+        if len(os.fsencode(path.name)) + 16 > os.pathconf(path.parent, "PC_NAME_MAX"):  # + temporary suffix
+            raise UsageError(f"{flag} {path}: file name too long for its file system")
         if path.is_dir():
             raise UsageError(f"{flag} {path}: is a folder")
         if path.exists() and not path.is_file():

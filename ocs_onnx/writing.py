@@ -16,7 +16,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import Message
 
-from .errors import UsageError
+from .errors import UsageError, first_line
 from .external_data import EXTERNAL_MIN_BYTES, DataLayout, data_file_name
 from .gs_adapter import (
     constant_array,
@@ -148,6 +148,12 @@ def write_files_atomic(files: dict[Path, Contents]) -> None:
     try:
         _write_pending(files, pending)
         _rename_all(pending)
+    except OSError as exc:  # a full disk, a read-only file system, ...: the user's to fix
+        for tmp_name in pending.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_name)
+        where = exc.filename or next(iter(pending), None) or next(iter(files), "")
+        raise UsageError(f"cannot write {where}: {exc.strerror or first_line(exc)}; nothing was written") from exc
     except BaseException:
         for tmp_name in pending.values():
             try:
@@ -199,13 +205,17 @@ def _write_pending(files: dict[Path, Contents], pending: dict[Path, str]) -> Non
             raise UsageError(f"cannot write {path}: folder {folder} does not exist")
         fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
         pending[path] = tmp_name
-        with os.fdopen(fd, "wb") as f:
-            if callable(contents):
-                contents(f)
-            else:
-                f.write(contents)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, "wb") as f:
+                if callable(contents):
+                    contents(f)
+                else:
+                    f.write(contents)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            exc.filename = exc.filename or str(path)  # the file the user asked for, not the temporary one
+            raise
 
 
 def save_graph_atomic(graph: gs.Graph, path: Path, external_data: bool = False) -> None:

@@ -151,19 +151,19 @@ def weight_ocs(graph: gs.Graph, ctx: CompileContext) -> None:
     folded_into: dict[str, str | None] = {}
     shared: dict = {}
     widened_inputs: dict[str, str] = {}
-    readers = {}
+    groups_reading: dict[str, list] = {}  # input tensor -> the groups of layers that read it
     for key, group in groups.items():
-        readers.setdefault(key[0], []).append(group)
+        groups_reading.setdefault(key[0], []).append(group)
     for key, group in groups.items():
         # the input's readers must all want these copies for its producer to compute them
         root = None
-        if ctx.config.fold_ocs_copies and len(readers[key[0]]) == 1:
+        if ctx.config.fold_ocs_copies and len(groups_reading[key[0]]) == 1:
             root = _fold_into_producer(group, graph_outputs, layer_of, out_copies, ctx)
         for plan in group:
             folded_into[plan.layer.name] = root
         if root is None:
-            x = group[0].layer.node
-            shared[key] = _widen_input(ctx, x, x.inputs[0], key[1], list(key[2]), widened_inputs)
+            node = group[0].layer.node
+            shared[key] = _widen_input(ctx, node, node.inputs[0], key[1], list(key[2]), widened_inputs)
     result: dict[str, WeightSplit] = {}
     for plan in plans:
         layer, w = plan.layer, plan.weight.values

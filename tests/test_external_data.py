@@ -366,7 +366,7 @@ def test_a_failure_while_writing_leaves_neither_model_nor_data_nor_report(tmp_pa
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync_fails_on_the_data_file)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(errors.UsageError, match="No space"):
         ocs_onnx.compile_file(
             model, tmp_path / "q.onnx", report_path=tmp_path / "r.json", external_data=True, calib_samples=8
         )

@@ -571,7 +571,7 @@ def test_a_failure_while_writing_leaves_neither_the_model_nor_the_report(tmp_pat
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync_fails_on_second_file)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(errors.UsageError, match="No space"):
         write_files_atomic({tmp_path / "model.q.onnx": b"model", tmp_path / "report.json": b"{}"})
     assert os.listdir(tmp_path) == []
     monkeypatch.setattr(os, "fsync", real_fsync)
@@ -853,9 +853,28 @@ def test_a_rename_that_fails_after_another_succeeded_rolls_the_first_back(tmp_pa
         real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", second_rename_fails)
-    with pytest.raises(OSError, match="Read-only"):
+    with pytest.raises(errors.UsageError, match="Read-only"):
         write_files_atomic({tmp_path / "model.q.onnx": b"new model", tmp_path / "report.json": b"{}"})
     monkeypatch.setattr(os, "replace", real_replace)
     # the replaced model is back, the report never appeared, nothing temporary is left
     assert sorted(os.listdir(tmp_path)) == ["model.q.onnx"]
     assert (tmp_path / "model.q.onnx").read_bytes() == b"the previous model"
+
+
+def test_a_full_disk_while_writing_is_one_line_naming_the_file_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    model = save(small_mlp(), tmp_path / "model.onnx")
+    listing = set(os.listdir(tmp_path))
+
+    def no_space(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    code, err = run_cli(capsys, "compile", model, "--calib-samples", "4", "-q")
+    assert_clean_failure(code, err, errors.USAGE, tmp_path, listing, "cannot write", "model.q.onnx", "No space left")
+
+
+def test_an_output_name_too_long_for_the_file_system_is_refused_before_any_work(tmp_path, capsys):
+    model = save(small_mlp(), tmp_path / "model.onnx")
+    listing = set(os.listdir(tmp_path))
+    code, err = run_cli(capsys, "compile", model, "-o", tmp_path / ("m" * 250 + ".onnx"))
+    assert_clean_failure(code, err, errors.USAGE, tmp_path, listing, "file name too long")
