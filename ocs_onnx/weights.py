@@ -29,12 +29,7 @@ def clip_thresholds(w: np.ndarray, axis: int | None, config: CompileConfig) -> n
 
 
 def split_values(
-    unsplit: np.ndarray,
-    in_axis: int,
-    splits: list[int],
-    qa_scale: np.ndarray | None = None,
-    out_axis: int | None = None,
-    out_copies: tuple[int, list[int]] | None = None,
+    unsplit: np.ndarray, in_axis: int, splits: list[int], qa_scale=None, out_axis=None, out_copies=None
 ) -> ComputedValues:
     """A weight after its channel splits (naive halves, or quantization-aware pieces with
     ``qa_scale``, one per output channel of ``unsplit`` along ``out_axis``), and with the

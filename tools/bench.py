@@ -207,28 +207,34 @@ def ort_quantize_child(model: str, calibration: str, output: str, method: str, w
 # --------------------------------------------------------------------------------------------
 
 
-def latency_ratio(float_model: Path, quantized: Path, feed: dict[str, np.ndarray], repeats: int = 15) -> float:
-    """Median over interleaved runs of quantized time / float time, one thread each."""
+def latency_ratios(paths: list[Path], feed: dict[str, np.ndarray], threads: int = 1, rounds: int = 15) -> list[float]:
+    """Median over interleaved rounds (every model once per round, so that the machine's drift
+    hits all alike) of each model's time / the first model's time; ``threads`` 0 = all cores."""
 
     def session(path: Path):
         options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
+        options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
-    sessions = [session(float_model), session(quantized)]
+    sessions = [session(path) for path in paths]
     for s in sessions:
         s.run(None, feed)  # warm-up
     ratios = []
-    for _ in range(repeats):
+    for _ in range(rounds):
         times = []
         for s in sessions:
             start = time.perf_counter()
             s.run(None, feed)
             times.append(time.perf_counter() - start)
-        ratios.append(times[1] / times[0])
-    return float(np.median(ratios))
+        ratios.append([t / times[0] for t in times])
+    return [float(v) for v in np.median(np.asarray(ratios), axis=0)]
+
+
+def latency_ratio(float_model: Path, quantized: Path, feed: dict[str, np.ndarray], repeats: int = 15) -> float:
+    """Median over interleaved runs of quantized time / float time, one thread each."""
+    return latency_ratios([float_model, quantized], feed, threads=1, rounds=repeats)[1]
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # the checkout, after
 sys.path.append(str(Path(__file__).resolve().parent))  # tools/, for bench.py's model registry
 
 import ocs_onnx  # noqa: E402
-from bench import registry  # noqa: E402
+from bench import latency_ratios, registry  # noqa: E402
 
 # (label, compile options): ratio 0 is the baseline OCS is judged against.
 CONFIGS = [
@@ -37,30 +36,6 @@ CONFIGS = [
     ("W6A8 ratio 0.02", dict(wbits=6, ratio=0.02)),
 ]
 SETTINGS = [("1 thread, batch 1", 1, 1), ("all cores, batch 8", 0, 8)]
-
-
-def session(path: Path, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def latency_ratios(paths: list[Path], feed: dict[str, np.ndarray], threads: int, rounds: int) -> list[float]:
-    """Median over interleaved rounds of each model's time / the first model's time."""
-    sessions = [session(path, threads) for path in paths]
-    for s in sessions:
-        s.run(None, feed)  # warm-up
-    ratios = []
-    for _ in range(rounds):
-        times = []
-        for s in sessions:
-            start = time.perf_counter()
-            s.run(None, feed)
-            times.append(time.perf_counter() - start)
-        ratios.append([t / times[0] for t in times])
-    return [float(v) for v in np.median(np.asarray(ratios), axis=0)]
 
 
 def _batch(feed: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
