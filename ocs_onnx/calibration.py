@@ -14,7 +14,12 @@ Accepted data (``--calib-data``):
 
 from __future__ import annotations
 
+import contextlib
+import math
+import os
+import tokenize
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +28,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .errors import CalibrationDataError, InvalidModelError
+from .errors import CalibrationDataError, InvalidModelError, first_line
 from .histogram import ChannelHistograms, SymmetricHistogram
 from .sessions import BASIC_OPTIMIZATION, new_session, onnxruntime_message
 
@@ -83,7 +88,7 @@ class ArraySource:
     def iter_rows(self, block: int) -> Iterator[np.ndarray]:
         row_shape = self.shape[1:]
         row_bytes = int(np.prod(row_shape, dtype=np.int64)) * self.dtype.itemsize
-        with self.opener() as f:
+        with _reading(self.where), self.opener() as f:
             _read_header(f, self.where)
             if self.fortran_order:  # rare; such a file cannot be streamed by rows
                 data = np.frombuffer(f.read(), dtype=self.dtype).reshape(self.shape, order="F")
@@ -108,9 +113,43 @@ def _read_header(f, where: str):
         raise CalibrationDataError(f"{where}: not a numpy array file ({exc})")
 
 
+# What a damaged file or archive member raises while it is read: a bad CRC, corrupt deflate
+# data, an unsupported compression method (deflate64), an encrypted member, a cut-off stream,
+# a header numpy cannot parse.
+_READ_ERRORS = (zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError, EOFError, OSError, SyntaxError,
+                tokenize.TokenError)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _reading(where: str):
+    """Read errors of a calibration file become a one-line calibration-data error."""
+    try:
+        yield
+    except CalibrationDataError:
+        raise
+    except _READ_ERRORS as exc:
+        raise CalibrationDataError(f"{where}: cannot be read ({type(exc).__name__}: {first_line(exc)})") from exc
+
+
+def _data_bytes(f) -> int:
+    """Bytes left to read in an open file or archive member."""
+    total = getattr(f, "member_size", None)
+    if total is None:
+        total = os.fstat(f.fileno()).st_size
+    return total - f.tell()
+
+
 def _array_source(where: str, opener: Callable) -> ArraySource:
-    with opener() as f:
+    with _reading(where), opener() as f:
         shape, fortran_order, dtype = _read_header(f, where)
+        # the header's claim is checked against the file before a byte of data is read: a
+        # header that claims 10^12 samples must not be believed
+        needed = math.prod(shape) * dtype.itemsize if not dtype.hasobject else 0
+        available = _data_bytes(f)
+        if needed > available:
+            raise CalibrationDataError(
+                f"{where}: the header's shape {list(shape)} needs {needed} bytes, the file holds {available}: truncated"
+            )
     if dtype.hasobject:
         raise CalibrationDataError(
             f"{where}: holds Python objects; only numeric arrays are accepted (pickles are never loaded)"
@@ -144,6 +183,7 @@ class _ZipMember:
     def __enter__(self):
         self.archive = zipfile.ZipFile(self.path)
         self.file = self.archive.open(self.member)
+        self.file.member_size = self.archive.getinfo(self.member).file_size  # uncompressed
         return self.file
 
     def __exit__(self, *exc):

@@ -145,7 +145,7 @@ def find_region(x: gs.Variable, readers: set[int], graph_outputs: set[str], axis
         producer = t.inputs[0]
         root_axis = output_channel_axis(producer)
         if root_axis is not None and producer.inputs[1].values.shape[_weight_out_axis(producer)] == channels:
-            if root_axis != t_axis or (root is not None and root is not producer):
+            if root_axis != t_axis or (root is not None and root is not producer) or not _bias_widens(producer, channels):
                 return None
             root = producer
             continue
@@ -168,6 +168,21 @@ def find_region(x: gs.Variable, readers: set[int], graph_outputs: set[str], axis
     if any(id(reader) not in readers for reader in x.outputs):
         return None
     return Region(root, list(region_nodes.values()), list(tensors.values()), axes, channels)
+
+
+def _bias_widens(root: gs.Node, channels: int) -> bool:
+    """The root has no bias, a scalar one, or one whose last axis is its output channels."""
+    if len(root.inputs) < 3 or not root.inputs[2].name:
+        return True
+    bias = root.inputs[2]
+    if not isinstance(bias, gs.Constant):
+        return False
+    values = bias.values
+    if values.size == 1:
+        return True
+    if root.op == "Conv":
+        return values.shape == (channels,)
+    return values.ndim >= 1 and values.shape[-1] == channels
 
 
 def _weight_out_axis(node: gs.Node) -> int:

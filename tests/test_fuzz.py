@@ -342,7 +342,9 @@ def calibration_file(rng, model: onnx.ModelProto, folder: Path) -> tuple[Path, s
     """A calibration file for ``model``: often right, often subtly or plainly wrong."""
     inputs = _model_inputs(model) or [("x", [None, 4])]
     kind = str(
-        rng.choice(["matching", "wrong dtype", "wrong rank", "wrong name", "nan", "pickle", "zero samples", "random"])
+        rng.choice(
+            ["matching", "wrong dtype", "wrong rank", "wrong name", "nan", "pickle", "zero samples", "random", "damaged zip"]
+        )
     )
     samples = int(rng.integers(1, 12))
     arrays = {}
@@ -379,6 +381,13 @@ def calibration_file(rng, model: onnx.ModelProto, folder: Path) -> tuple[Path, s
                     np.lib.format.write_array(f, value, allow_pickle=True)
     elif kind == "random" and rng.random() < 0.3:
         path.write_bytes(pickle.dumps(arrays))  # a pickle file named .npz
+    elif kind == "damaged zip":
+        # zip-level damage: flipped bytes in the compressed data, the CRCs or the directory
+        np.savez_compressed(path, **arrays)
+        data = bytearray(path.read_bytes())
+        for offset in rng.integers(0, len(data), size=int(rng.integers(1, 6))):
+            data[int(offset)] ^= int(rng.integers(1, 256))
+        path.write_bytes(bytes(data))
     else:
         np.savez(path, **arrays)
     return path, kind

@@ -878,3 +878,44 @@ def test_an_output_name_too_long_for_the_file_system_is_refused_before_any_work(
     listing = set(os.listdir(tmp_path))
     code, err = run_cli(capsys, "compile", model, "-o", tmp_path / ("m" * 250 + ".onnx"))
     assert_clean_failure(code, err, errors.USAGE, tmp_path, listing, "file name too long")
+
+
+def _damaged_npz(tmp_path: Path, damage: str) -> Path:
+    """A valid .npz for small_mlp (input x, 4 features), then damaged."""
+    path = tmp_path / "calib.npz"
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
+    if damage == "fortran, truncated":
+        npy = tmp_path / "calib.npy"
+        with open(npy, "wb") as f:
+            np.lib.format.write_array(f, np.asfortranarray(x))
+        npy.write_bytes(npy.read_bytes()[:-40])
+        return npy
+    if damage == "header claims 10^12 samples":
+        npy = tmp_path / "calib.npy"
+        with open(npy, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": True, "shape": (10**12, 4)})
+            f.write(x.tobytes())
+        return npy
+    np.savez_compressed(path, x=x)
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo("x.npy")
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    if damage == "bad CRC":
+        # the stored CRC of the member (local header and central directory) no longer matches
+        for offset in (info.header_offset + 14, data.rfind(b"PK\x01\x02") + 16):
+            data[offset] ^= 0xFF
+    else:  # corrupt deflate data
+        for offset in range(start + 10, start + 40):
+            data[offset] ^= 0x5A
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("damage", ["bad CRC", "corrupt deflate", "fortran, truncated", "header claims 10^12 samples"])
+def test_a_damaged_calibration_file_is_a_calibration_data_error(damage, tmp_path, capsys):
+    model = save(small_mlp(), tmp_path / "model.onnx")
+    calib = _damaged_npz(tmp_path, damage)
+    listing = set(os.listdir(tmp_path))
+    code, err = run_cli(capsys, "compile", model, "--calib-data", calib, "-q")
+    assert_clean_failure(code, err, errors.CALIBRATION_DATA, tmp_path, listing, calib.name)
