@@ -37,9 +37,6 @@ class Fact:
     binding: Binding
     doc: str  # "type: meaning"
 
-    def __str__(self) -> str:
-        return self.name
-
 
 # --------------------------------------------------------------------------------------------
 # Value types

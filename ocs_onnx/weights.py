@@ -10,6 +10,7 @@ from .config import CompileConfig
 from .facts import Layer
 from .gs_adapter import ComputedValues
 from .quant import apply_channel_splits, max_abs
+from .widening import duplicated
 
 
 def scale_axis(layer: Layer, granularity: str) -> int | None:
@@ -46,8 +47,7 @@ def split_values(
         w = apply_channel_splits(unsplit, in_axis, splits, qa_scale=qa_scale, out_axis=out_axis)
         if out_copies is None:
             return w
-        axis, rows = out_copies
-        return np.concatenate([w, np.take(w, rows, axis=axis)], axis=axis)
+        return duplicated(w, *out_copies)
 
     return ComputedValues(compute, shape, unsplit.dtype)
 
@@ -65,4 +65,4 @@ def with_copies(values: np.ndarray, copies: list[int]) -> np.ndarray:
     values = np.asarray(values)
     if not copies or values.ndim == 0:
         return values
-    return np.concatenate([values, values[copies]])
+    return duplicated(values, 0, copies)

@@ -55,7 +55,6 @@ class Region:
     # The channel axis of every tensor, counted from the end (-1: the last axis): a Flatten of
     # [N, C, 1, 1] moves it.
     axes: dict[str, int] = field(default_factory=dict)
-    channels: int = 0
 
 
 def output_channel_axis(node: gs.Node) -> int | None:
@@ -167,7 +166,7 @@ def find_region(x: gs.Variable, readers: set[int], graph_outputs: set[str], axis
             return None
     if any(id(reader) not in readers for reader in x.outputs):
         return None
-    return Region(root, list(region_nodes.values()), list(tensors.values()), axes, channels)
+    return Region(root, list(region_nodes.values()), list(tensors.values()), axes)
 
 
 def _bias_widens(root: gs.Node, channels: int) -> bool:
