@@ -71,9 +71,7 @@ def compile_graph(
     dumped: list[Path] = []
 
     def dump(name: str, g: gs.Graph) -> None:
-        path = dump_path(Path(f"{dump_prefix}.onnx"), name)
-        save_graph_atomic(g, path, config.external_data)
-        dumped.extend([path, path.with_name(data_file_name(path))])
+        dumped.extend(save_graph_atomic(g, dump_path(Path(f"{dump_prefix}.onnx"), name), config.external_data))
 
     instruments = [
         Timing(),

@@ -218,6 +218,9 @@ def _write_pending(files: dict[Path, Contents], pending: dict[Path, str]) -> Non
             raise
 
 
-def save_graph_atomic(graph: gs.Graph, path: Path, external_data: bool = False) -> None:
-    write_files_atomic(model_files(graph, path, external_data)[0])
+def save_graph_atomic(graph: gs.Graph, path: Path, external_data: bool = False) -> list[Path]:
+    """Writes the graph's model file (and data file); returns the paths written."""
+    files = model_files(graph, path, external_data)[0]
+    write_files_atomic(files)
+    return list(files)
 
