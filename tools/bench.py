@@ -249,16 +249,21 @@ def ocs_settings(quick: bool) -> list[tuple[int, float, str]]:
     return [(bits, ratio, clip) for bits in OCS_BITS for clip in clips for ratio in ratios]
 
 
+def ort_quantize(subject: BenchModel, work: Path, label: str, method: str, weight_type: str, reduce: bool) -> Run:
+    """onnxruntime's quantize_static (QDQ, per-channel) of the subject, in a child process."""
+    out = work / f"ort-{label.replace(' ', '-')}.onnx"
+    command = [sys.executable, str(Path(__file__).resolve()), "--ort-child", str(subject.model)]
+    command += [str(subject.calibration), str(out), method, weight_type, str(reduce)]
+    return run_child(f"onnxruntime {label}", command, out)
+
+
 def bench_model(subject: BenchModel, work: Path, quick: bool) -> dict:
     rows = []
     float_metrics = subject.evaluate(subject.model)
     runs = []
     for label, method, weight_type, reduce in ORT_RUNS:
-        out = work / f"ort-{label.replace(' ', '-')}.onnx"
-        command = [sys.executable, str(Path(__file__).resolve()), "--ort-child", str(subject.model)]
-        command += [str(subject.calibration), str(out), method, weight_type, str(reduce)]
         bits = "W4A8" if weight_type == "QInt4" else "W8A8"
-        runs.append((f"onnxruntime {label}", bits, run_child(f"onnxruntime {label}", command, out)))
+        runs.append((f"onnxruntime {label}", bits, ort_quantize(subject, work, label, method, weight_type, reduce)))
     for bits, ratio, clip in ocs_settings(quick):
         out = work / f"ocs-w{bits}-r{ratio}-{clip}.onnx"
         command = [sys.executable, "-m", "ocs_onnx", "compile", str(subject.model), "-o", str(out), "-q"]

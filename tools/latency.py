@@ -1,7 +1,8 @@
 """Latency of compiled models against their float model, measured in one process.
 
 For each model (the demo and, with the bench extra, PP-OCRv5 rec/cls/det from the zoo) it
-compiles the configurations below, then times every session in interleaved rounds (float,
+compiles the configurations below and onnxruntime's own quantize_static (W8A8 QDQ, per-channel,
+MinMax; the bench's peer), then times every session in interleaved rounds (float,
 then each compiled model, round after round, so that the machine's drift hits all alike) and
 prints the median of each model's time over the float model's time in the same round. Two
 settings: one thread at batch 1, and all cores at batch 8. It also prints how many split layers
@@ -26,7 +27,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # the checkout, after
 sys.path.append(str(Path(__file__).resolve().parent))  # tools/, for bench.py's model registry
 
 import ocs_onnx  # noqa: E402
-from bench import latency_ratios, registry  # noqa: E402
+from bench import ORT_RUNS, latency_ratios, ort_quantize, registry  # noqa: E402
 
 # (label, compile options): ratio 0 is the baseline OCS is judged against.
 CONFIGS = [
@@ -45,6 +46,14 @@ def _batch(feed: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
 def measure(name: str, work: Path, rounds: int, metrics: bool) -> list[str]:
     subject = registry()[name](work)
     paths, rows = [Path(subject.model)], []
+    # the peer: onnxruntime's own quantize_static at W8A8 (QDQ, per-channel, MinMax)
+    label, method, weight_type, reduce = ORT_RUNS[0]
+    peer = ort_quantize(subject, work, label, method, weight_type, reduce)
+    if peer.ok:
+        rows.append([f"onnxruntime quantize_static W8A8 {label}", "-", "-"])
+        paths.append(peer.output)
+    else:
+        print(f"{subject.name}: onnxruntime quantize_static failed: {peer.error}", file=sys.stderr)
     for label, options in CONFIGS:
         output = work / f"{name}-{len(paths)}.onnx"
         _, report = ocs_onnx.compile_file(subject.model, output, calib_data=subject.calibration, **options)
