@@ -34,6 +34,10 @@ from .sessions import BASIC_OPTIMIZATION, new_session, onnxruntime_message
 
 # Symbolic (dynamic) dimensions other than the batch axis get this size in synthetic inputs.
 SYNTHETIC_DYNAMIC_DIM = 32
+# One synthetic sample (all inputs together) is at most this big: a declared shape can be
+# anything, and random data of terabytes is a hang or an out-of-memory kill, not calibration.
+SYNTHETIC_SAMPLE_MAX_BYTES = 256 << 20
+SYNTHETIC_STRING_LENGTH = 8
 
 
 @dataclass(frozen=True)
@@ -319,20 +323,38 @@ def integer_input_limits(graph: gs.Graph) -> dict[str, int]:
 def synthetic_batches(
     specs: list[InputSpec], samples: int, batch: int, seed: int, int_high: dict[str, int]
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Seeded stand-in inputs: N(0, 1) floats, integers in [0, high), random booleans."""
+    """Seeded stand-in inputs: N(0, 1) floats, integers in [0, high), random booleans, random
+    lowercase words."""
+    sample_shapes = {
+        spec.name: [d if isinstance(d, int) and d >= 0 else SYNTHETIC_DYNAMIC_DIM for d in spec.shape[1:]]
+        for spec in specs
+    }
+    sample_bytes = sum(
+        int(np.prod(sample_shapes[spec.name], dtype=np.float64)) * max(spec.dtype.itemsize, 8) for spec in specs
+    )  # generated as 8-byte values first
+    if sample_bytes > SYNTHETIC_SAMPLE_MAX_BYTES:
+        declared = ", ".join(f"{spec.name!r} {_shape_text(spec.shape)}" for spec in specs)
+        raise CalibrationDataError(
+            f"one synthetic sample of the declared inputs ({declared}) would take {sample_bytes / 2**30:,.1f} GiB, "
+            f"more than the {SYNTHETIC_SAMPLE_MAX_BYTES >> 20} MiB ocs-onnx generates; pass real inputs with --calib-data"
+        )
     rng = np.random.default_rng(seed)
     done = 0
     while done < samples:
         count = min(batch, samples - done)
         feed = {}
         for spec in specs:
-            shape = [count] + [d if isinstance(d, int) and d >= 0 else SYNTHETIC_DYNAMIC_DIM for d in spec.shape[1:]]
+            shape = [count] + sample_shapes[spec.name]
             if spec.dtype.kind == "f":
                 feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
             elif spec.dtype.kind in "iu":
                 feed[spec.name] = rng.integers(0, int_high.get(spec.name, 2), size=shape).astype(spec.dtype)
             elif spec.dtype.kind == "b":
                 feed[spec.name] = rng.integers(0, 2, size=shape).astype(bool)
+            elif spec.dtype.kind in "OSU":  # strings: words of random lowercase letters
+                letters = rng.integers(ord("a"), ord("z") + 1, size=(*shape, SYNTHETIC_STRING_LENGTH), dtype=np.uint32)
+                words = letters.view(f"<U{SYNTHETIC_STRING_LENGTH}").reshape(shape)
+                feed[spec.name] = words.astype(object)
             else:
                 raise CalibrationDataError(
                     f"cannot make synthetic data for input {spec.name!r} of type {spec.dtype}; pass --calib-data"
@@ -412,7 +434,8 @@ FETCH_BUDGET_BYTES = 256 * 2**20
 
 
 def _rows(feed: dict[str, np.ndarray]) -> int:
-    return next(iter(feed.values())).shape[0] if feed else 0
+    # the feed of a model without inputs is empty, and one run is one sample
+    return next(iter(feed.values())).shape[0] if feed else 1
 
 
 def _run_failure(

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import click
 
-from . import __version__
+from . import __version__, bus_error
 from .clip import CLIP_METHODS
 from .config import ACTIVATION_TYPES, GRANULARITIES, SPLIT_MODES, CompileConfig
-from .errors import INTERNAL, USAGE, OcsError, UsageError, first_line
+from .errors import INTERNAL, USAGE, OcsError, UsageError, first_line, one_line
 from .pass_manager import PassFailure
 from .writing import default_output_path
 
@@ -57,8 +57,8 @@ class _MessageFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         if record.levelno == logging.INFO:
-            return record.getMessage()
-        return f"ocs-onnx: {record.levelname.lower()}: {record.getMessage()}"
+            return record.getMessage()  # tables and summaries, several lines by design
+        return f"ocs-onnx: {record.levelname.lower()}: {one_line(record.getMessage())}"
 
 
 def _configure_logging(quiet: bool, verbose: int) -> None:
@@ -300,6 +300,7 @@ def _signals_unwind():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    bus_error.install()  # a data file truncated under the compile: exit 3, not a bare SIGBUS
     previous = {s: signal.signal(s, _raise_signalled) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
@@ -325,12 +326,12 @@ def main(argv=None) -> int:
         return 130
     except click.UsageError as exc:
         hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
-        click.echo(f"ocs-onnx: error: {exc.format_message()}{hint}", err=True)
+        click.echo(one_line(f"ocs-onnx: error: {exc.format_message()}{hint}"), err=True)
         return USAGE
     except OcsError as exc:
         if debug:
             traceback.print_exc()
-        click.echo(f"ocs-onnx: error: {exc.message}", err=True)
+        click.echo(one_line(f"ocs-onnx: error: {exc.message}"), err=True)
         return exc.exit_code
     except KeyboardInterrupt:
         click.echo("ocs-onnx: interrupted", err=True)
@@ -341,7 +342,7 @@ def main(argv=None) -> int:
         # a pass's failure names the pass and the passes before it
         message = f": {first_line(exc)}" if str(exc).strip() else ""
         where = f" {exc}" if isinstance(exc, PassFailure) else f": {type(exc).__name__}{message}"
-        click.echo(f"ocs-onnx: internal error{where} (rerun with --debug for the traceback)", err=True)
+        click.echo(one_line(f"ocs-onnx: internal error{where} (rerun with --debug for the traceback)"), err=True)
         return INTERNAL
 
 

@@ -3,7 +3,9 @@ which adds what a command-line run needs (paths, atomic writes, the JSON report)
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import onnxruntime as ort
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from .config import CompileConfig
+from . import owned
 from .context import CompileContext, UniqueNames
 from .errors import UsageError
 from .gs_adapter import graph_to_model, parameter_count
@@ -52,10 +55,16 @@ def _config_from(config: CompileConfig | None, options: dict) -> CompileConfig:
 
 
 def compile_graph(
-    source: ModelSource, config: CompileConfig, dump_prefix: str | os.PathLike, scratch: Path | None
+    source: ModelSource,
+    config: CompileConfig,
+    dump_prefix: str | os.PathLike,
+    scratch: Path | None,
+    dumped: list[Path] | None = None,
 ) -> tuple[gs.Graph, CompileContext]:
     """Runs the passes on a loaded model: the compiled graph (weights still arrays, for a writer
-    to stream) and the context the report is built from. Temporary files go to ``scratch``."""
+    to stream) and the context the report is built from. Temporary files go to ``scratch``; the
+    files ``--dump-after`` writes are appended to ``dumped``."""
+    dumped = [] if dumped is None else dumped
     if config.abits is not None or config.verify:
         check_onnxruntime_loads(source, config.abits)
     where = source.where if source.path is not None else "<in-memory model>"
@@ -68,10 +77,11 @@ def compile_graph(
     for name in config.dump_after:
         _check_pass_name(manager, name, "--dump-after")
 
-    dumped: list[Path] = []
-
     def dump(name: str, g: gs.Graph) -> None:
-        dumped.extend(save_graph_atomic(g, dump_path(Path(f"{dump_prefix}.onnx"), name), config.external_data))
+        written = save_graph_atomic(g, dump_path(Path(f"{dump_prefix}.onnx"), name), config.external_data)
+        for path in written:
+            owned.own(path)  # until the compile succeeds: a failed one leaves no dumps
+        dumped.extend(written)
 
     instruments = [
         Timing(),
@@ -84,15 +94,25 @@ def compile_graph(
         instruments.append(StopAfter(config.stop_after))
     # Non-finite weights and activations are handled where they matter (such layers stay float,
     # calibration ranges cover finite values); numpy's multi-line warnings about them are noise.
+    with np.errstate(all="ignore"):
+        graph = manager.run(graph, ctx, instruments)
+    return graph, ctx
+
+
+@contextlib.contextmanager
+def _dumps_removed_on_failure() -> Iterator[list[Path]]:
+    """The list compile_graph records its dumps in; a compile that fails (in a pass, or while
+    writing its output) removes them: it leaves nothing behind."""
+    dumped: list[Path] = []
     try:
-        with np.errstate(all="ignore"):
-            graph = manager.run(graph, ctx, instruments)
+        yield dumped
     except BaseException:
-        # a failed compile leaves nothing behind, its dumps included
         for path in dumped:
             path.unlink(missing_ok=True)
         raise
-    return graph, ctx
+    finally:
+        for path in dumped:
+            owned.disown(path)
 
 
 def compile(
@@ -110,9 +130,10 @@ def compile(
     """
     config = _config_from(config, options)
     source = load_model(model)
-    graph, ctx = compile_graph(source, config, dump_prefix, scratch=None)
-    output = graph_to_model(graph)
-    return output, build_report(ctx, source, (parameter_count(graph), output.ByteSize()))
+    with _dumps_removed_on_failure() as dumped:
+        graph, ctx = compile_graph(source, config, dump_prefix, scratch=None, dumped=dumped)
+        output = graph_to_model(graph)
+        return output, build_report(ctx, source, (parameter_count(graph), output.ByteSize()))
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -196,12 +217,15 @@ def compile_file(
     source = load_model(input_path)
     # the data files are known once the model is read
     check_output_paths(input_files(source.input_files, config.calib_data), outputs)
-    graph, ctx = compile_graph(source, config, output_path.with_suffix(""), scratch=output_path.parent)
-    files, size = model_files(graph, output_path, config.external_data)
-    report = build_report(ctx, source, (parameter_count(graph), size))
-    report["output"] = str(output_path)
-    report["output_data"] = next((str(p) for p in files if p != output_path), None)
-    if report_path is not None:
-        files[report_path] = report_json(report).encode()
-    write_files_atomic(files)  # the model, its data and its report appear together or not at all
+    with _dumps_removed_on_failure() as dumped:
+        graph, ctx = compile_graph(
+            source, config, output_path.with_suffix(""), scratch=output_path.parent, dumped=dumped
+        )
+        files, size = model_files(graph, output_path, config.external_data)
+        report = build_report(ctx, source, (parameter_count(graph), size))
+        report["output"] = str(output_path)
+        report["output_data"] = next((str(p) for p in files if p != output_path), None)
+        if report_path is not None:
+            files[report_path] = report_json(report).encode()
+        write_files_atomic(files)  # the model, its data and its report appear together or not at all
     return output_path, report

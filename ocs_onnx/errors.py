@@ -22,6 +22,14 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def one_line(text: str) -> str:
+    """The text with control characters escaped (a path may hold a newline): a message stays
+    one line, whatever it quotes."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 class OcsError(Exception):
     """An error with a one-line message meant for the user, and an exit code."""
 

@@ -29,6 +29,7 @@ from onnx import TensorProto
 from onnx.external_data_helper import ExternalDataInfo, set_external_data, uses_external_data
 
 from .errors import InvalidModelError, first_line
+from . import bus_error
 
 # Tensors of these types are mapped as numpy views; others (bfloat16, float8, int4, ...) are
 # read into the model with onnx's helper.
@@ -234,6 +235,7 @@ def map_external_data(model: onnx.ModelProto, refs: list[ExternalRef]) -> Mapped
                 raise InvalidModelError(f"{ref.path.name}: cannot read the external data file ({first_line(exc)})")
             mapped.files.append(ref.path)
             if maps[ref.path] is not None:
+                bus_error.watch(ref.path, len(maps[ref.path]))
                 mapped._maps.append(maps[ref.path])
                 mapped._bases.append(np.frombuffer(maps[ref.path], np.uint8).__array_interface__["data"][0])
         mapped.bytes += ref.length

@@ -64,12 +64,40 @@ def little_endian(array: np.ndarray) -> np.ndarray:
     return array.astype(array.dtype.newbyteorder("<"), copy=False)
 
 
+# Value types onnx-graphsurgeon's exporter writes; it fails on the others (optional, map).
+EXPORTED_VALUE_TYPES = ("tensor_type", "sequence_type", "sparse_tensor_type")
+
+
 def _export(graph: gs.Graph) -> onnx.ModelProto:
-    model = gs.export_onnx(graph, do_type_check=True)
+    with _untyped_other_values(graph):
+        model = gs.export_onnx(graph, do_type_check=True)
+    untyped = [v for v in model.graph.value_info if not v.HasField("type")]
+    for value in untyped:
+        model.graph.value_info.remove(value)
     model.producer_name = PRODUCER_NAME
     model.producer_version = __version__
     model.ir_version = max(8, onnx.helper.find_min_ir_version_for(list(model.opset_import), True))
     return model
+
+
+@contextlib.contextmanager
+def _untyped_other_values(graph: gs.Graph):
+    """Intermediate tensors of a type the exporter cannot write (an Optional op's output, say)
+    are exported without a type: value_info is only a hint, and shape inference gives it back.
+    (Graph inputs and outputs of such types are refused when the model is loaded.)"""
+    others = [
+        t
+        for t in graph.tensors().values()
+        if isinstance(t, gs.Variable) and t.dtype is not None and getattr(t, "type", None) not in EXPORTED_VALUE_TYPES
+    ]
+    dtypes = [t.dtype for t in others]
+    for t in others:
+        t.dtype = None
+    try:
+        yield
+    finally:
+        for t, dtype in zip(others, dtypes):
+            t.dtype = dtype
 
 
 def model_to_graph(model: onnx.ModelProto, arrays: dict[str, np.ndarray] | None = None) -> gs.Graph:

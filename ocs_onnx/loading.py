@@ -76,6 +76,7 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> ModelSource:
     bad_text = _undecodable_text(model)
     if bad_text is not None:
         raise InvalidModelError(f"{where}: {bad_text}")
+    _densify_sparse_weights(model, where)
     refs = check_external_tensors(model, path.parent, where) if path is not None else []
     external = map_external_data(model, refs) if refs else MappedData()
     arrays = dict(external.arrays)
@@ -93,6 +94,51 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> ModelSource:
     _check_inputs(model, where)
     size = (path.stat().st_size if path is not None else model.ByteSize()) + external.bytes
     return ModelSource(model, where, path, external, arrays, size)
+
+
+# A sparse weight becomes dense at load: at most this many bytes (its dims are only declared).
+MAX_DENSIFIED_BYTES = 4 << 30
+
+
+def _densify_sparse_weights(model: onnx.ModelProto, where: str) -> None:
+    """Sparse initializers and Constant nodes with a ``sparse_value`` become dense tensors: the
+    quantized weights are dense anyway (onnxruntime densifies sparse initializers when it loads
+    a model too), and every pass then sees one kind of weight."""
+    graph = model.graph
+    for sparse in list(graph.sparse_initializer):
+        graph.initializer.append(_dense(sparse, where, f"sparse initializer {sparse.values.name!r}"))
+        graph.sparse_initializer.remove(sparse)
+    for node in graph.node:
+        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+            continue
+        for attribute in node.attribute:
+            if attribute.name == "sparse_value":
+                dense = _dense(attribute.sparse_tensor, where, f"Constant node {node.name!r}")
+                node.attribute.remove(attribute)
+                node.attribute.append(onnx.helper.make_attribute("value", dense))
+                break
+
+
+def _dense(sparse: onnx.SparseTensorProto, where: str, what: str) -> onnx.TensorProto:
+    dims = tuple(int(d) for d in sparse.dims)
+    if uses_external_data(sparse.values) or uses_external_data(sparse.indices):
+        raise UnsupportedModelError(f"{where}: {what} keeps its data in an external file; store it in the model")
+    try:
+        values = numpy_helper.to_array(sparse.values).reshape(-1)
+        indices = numpy_helper.to_array(sparse.indices).astype(np.int64)
+        nbytes = int(np.prod(dims, dtype=np.int64)) * values.itemsize
+        if nbytes > MAX_DENSIFIED_BYTES:
+            raise UnsupportedModelError(
+                f"{where}: {what} would take {nbytes:,} bytes dense, more than the {MAX_DENSIFIED_BYTES:,} "
+                "ocs-onnx makes of a sparse weight"
+            )
+        flat = indices if indices.ndim == 1 else np.ravel_multi_index(tuple(indices.T), dims)
+        dense = np.zeros(int(np.prod(dims, dtype=np.int64)), dtype=values.dtype)
+        dense[flat] = values
+    except (ValueError, IndexError, KeyError, TypeError) as exc:
+        raise InvalidModelError(f"{where}: {what} holds indices or values that do not fit its dims {list(dims)} "
+                                f"({first_line(exc)})")
+    return numpy_helper.from_array(dense.reshape(dims), sparse.values.name)
 
 
 def _lift_weights(model: onnx.ModelProto, where: str) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
@@ -188,13 +234,20 @@ def _check_tensor_data(model: onnx.ModelProto, where: str, held: dict[str, np.nd
 
 def _check_inputs(model: onnx.ModelProto, where: str) -> None:
     """Calibration and verification feed every model input with tensors whose first axis is
-    the samples: inputs that cannot be fed so are refused here, before any work."""
+    the samples, and compare outputs as tensors: inputs that cannot be fed so, and outputs
+    that are not tensors, are refused here, before any work."""
     known_types = set(onnx.TensorProto.DataType.values())
     for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
         if value.type.WhichOneof("value") == "tensor_type" and value.type.tensor_type.elem_type not in known_types:
             raise InvalidModelError(
                 f"{where}: tensor {value.name!r} has element type {value.type.tensor_type.elem_type}, "
                 "which is not an ONNX type"
+            )
+    for value in model.graph.output:
+        if value.type.WhichOneof("value") not in ("tensor_type", None):
+            raise UnsupportedModelError(
+                f"{where}: model output {value.name!r} is a {value.type.WhichOneof('value')}; "
+                "only tensor outputs are supported"
             )
     initializers = {t.name for t in model.graph.initializer}
     for value in model.graph.input:

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import re
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
+from . import owned
 from .errors import InvalidModelError, UnsupportedModelError, first_line
 from .gs_adapter import graph_bytes, graph_skeleton, graph_to_model
 from .loading import ModelSource
@@ -97,7 +97,7 @@ def session_model(graph: gs.Graph, folder: Path | None = None, inline_limit: int
         model = graph_to_model(graph).SerializeToString()
         yield model
         return
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".ocs-onnx-") as tmp:
+    with owned.temporary_folder(folder) as tmp:
         path = Path(tmp) / "model.onnx"
         files, _ = model_files(graph, path, external_data=True)
         for file, contents in files.items():  # a scratch copy: neither renamed nor synced

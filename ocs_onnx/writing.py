@@ -5,8 +5,10 @@ models are streamed tensor by tensor; large outputs put their weights in a data 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +18,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import Message
 
-from .errors import UsageError, first_line
+from . import bus_error, owned
+from .errors import InvalidModelError, UsageError, first_line
 from .external_data import EXTERNAL_MIN_BYTES, DataLayout, data_file_name
 from .gs_adapter import (
     constant_array,
@@ -147,20 +150,28 @@ def write_files_atomic(files: dict[Path, Contents]) -> None:
     pending: dict[Path, str] = {}
     try:
         _write_pending(files, pending)
+        temporaries = list(pending.values())
         _rename_all(pending)
+        for tmp_name in temporaries:
+            owned.disown(tmp_name)  # renamed into place: theirs now
     except OSError as exc:  # a full disk, a read-only file system, ...: the user's to fix
-        for tmp_name in pending.values():
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp_name)
+        _remove(pending.values())
+        if exc.errno == errno.EFAULT and bus_error.shrunk_files():
+            # write() given pages of a mapped input beyond its new end fails so, where a read of
+            # them would be a bus error
+            raise InvalidModelError("; ".join(bus_error.shrunk_files()) + "; nothing was written") from exc
         where = exc.filename or next(iter(pending), None) or next(iter(files), "")
         raise UsageError(f"cannot write {where}: {exc.strerror or first_line(exc)}; nothing was written") from exc
     except BaseException:
-        for tmp_name in pending.values():
-            try:
-                os.unlink(tmp_name)
-            except FileNotFoundError:
-                pass
+        _remove(pending.values())
         raise
+
+
+def _remove(temporaries) -> None:
+    for tmp_name in temporaries:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        owned.disown(tmp_name)
 
 
 def _rename_all(pending: dict[Path, str]) -> None:
@@ -196,6 +207,30 @@ def _rename_all(pending: dict[Path, str]) -> None:
                     os.unlink(backup)
 
 
+def _mode_for(path: Path) -> int:
+    """The permissions a written file gets, as ``cp`` gives them: those of the file it replaces,
+    else 0666 less the umask (mkstemp makes its file 0600, private whatever the umask)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    # Linux shows the umask in /proc without changing it; os.umask can only read it by setting
+    # it, which races with other threads creating files.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
 def _write_pending(files: dict[Path, Contents], pending: dict[Path, str]) -> None:
     """Writes each file's contents to a temporary file beside it (recorded in ``pending``)."""
     for path, contents in files.items():
@@ -205,7 +240,9 @@ def _write_pending(files: dict[Path, Contents], pending: dict[Path, str]) -> Non
             raise UsageError(f"cannot write {path}: folder {folder} does not exist")
         fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
         pending[path] = tmp_name
+        owned.own(tmp_name)
         try:
+            os.fchmod(fd, _mode_for(path))
             with os.fdopen(fd, "wb") as f:
                 if callable(contents):
                     contents(f)

@@ -23,6 +23,10 @@ from ocs_onnx.gs_adapter import constant_array, graph_skeleton
 from ocs_onnx.pass_manager import compiler_pass
 
 
+# Random inputs beyond this many add time, not information.
+SYNTHETIC_SAMPLES_MAX = 1024
+
+
 def _batch_size(specs: list[InputSpec], requested: int) -> int:
     static = {s.batch_dim for s in specs if s.batch_dim is not None}
     if len(static) > 1:
@@ -61,7 +65,12 @@ def calibrate(graph: gs.Graph, ctx: CompileContext) -> None:
     batch = _batch_size(specs, config.calib_batch)
     limits = integer_input_limits(graph)
     synthetic_feed = None
-    if config.calib_data is not None:
+    if not specs:
+        # A model without inputs computes one thing: one run observes all of it.
+        if config.calib_data is not None:
+            ctx.warn(f"the model has no inputs; --calib-data {config.calib_data} is not used")
+        total, batches, source = 1, iter([{}]), "none needed (the model has no inputs)"
+    elif config.calib_data is not None:
         data = open_calibration_data(config.calib_data, specs)
         total = min(config.calib_samples, data.samples)
         batches = data.batches(total, batch)
@@ -71,7 +80,12 @@ def calibrate(graph: gs.Graph, ctx: CompileContext) -> None:
             return next(synthetic_batches(specs, rows, rows, config.seed, limits))
 
     else:
-        total = config.calib_samples
+        total = min(config.calib_samples, SYNTHETIC_SAMPLES_MAX)
+        if total < config.calib_samples:
+            ctx.warn(
+                f"--calib-samples {config.calib_samples:,}: synthetic calibration uses at most {SYNTHETIC_SAMPLES_MAX:,} "
+                "samples (more random inputs do not make the ranges any truer)"
+            )
         batches = synthetic_batches(specs, total, batch, config.seed, limits)
         source = "synthetic"
         ctx.warn(

@@ -83,9 +83,10 @@ def _insert_qdq(
         for i, t in enumerate(consumer.inputs):
             if t is tensor:
                 consumer.inputs[i] = dequantized
-    if any(t is tensor for t in graph.outputs):
+    if any(t is tensor for t in graph.outputs) and not any(t is tensor for t in graph.inputs):
         # A graph output keeps its name (in every place the model lists it): the dequantized
-        # tensor takes it over.
+        # tensor takes it over. A graph input that is also an output keeps both roles: its
+        # name is the model's interface, and the output is the input as given.
         original = tensor.name
         tensor.name = ctx.unique_name(f"{original}_before_quantize")
         dequantized.name = original

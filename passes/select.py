@@ -5,7 +5,8 @@
   be added to every group (depthwise: a whole extra group), which is not what OCS's overhead
   figure counts and which the Conv's group structure cannot express for one channel alone.
 * Everything else stays float, as do nodes matched by ``--exclude`` (glob on name or op type).
-  Weighted layers of other kinds (ConvTranspose, recurrent layers) are listed in ``kept_float``.
+  Weighted layers of other kinds (ConvTranspose, recurrent layers), and layers inside If/Loop/Scan
+  bodies or model-local functions, are listed in ``kept_float``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,45 @@ QUANTIZABLE_OPS = ("Conv", "Gemm", "MatMul")
 # Ops with weights that stay float. They are listed in the report's kept_float so that a user
 # reading it sees every weighted layer and knows why it was not quantized.
 WEIGHTED_OPS_KEPT_FLOAT = ("ConvTranspose", "LSTM", "GRU", "RNN")
+
+
+def _weighted_ops_in(nodes, functions: dict[tuple[str, str], gs.Function], seen: frozenset = frozenset()) -> list[str]:
+    """Op types of the layers (quantizable or weighted) among ``nodes``, inside their control-flow
+    bodies and in the model-local functions they call, recursively."""
+    found = []
+    for node in nodes:
+        if node.domain in (None, "", "ai.onnx") and node.op in (*QUANTIZABLE_OPS, *WEIGHTED_OPS_KEPT_FLOAT):
+            found.append(node.op)
+        for value in node.attrs.values():
+            if isinstance(value, gs.Graph):
+                found += _weighted_ops_in(value.nodes, functions, seen)
+        key = (node.domain or "", node.op)
+        if key in functions and key not in seen:
+            found += _weighted_ops_in(functions[key].nodes, functions, seen | {key})
+    return found
+
+
+def _layers_out_of_reach(graph: gs.Graph) -> dict[str, str]:
+    """Top-level nodes that hold layers where this version does not quantize them: in the
+    bodies of If/Loop/Scan, or in a model-local function. Listed in kept_float, so that the
+    report accounts for every layer of the model."""
+    functions = {(f.domain or "", f.name): f for f in graph.functions}
+    kept = {}
+    for node in graph.nodes:
+        bodies = [value for value in node.attrs.values() if isinstance(value, gs.Graph)]
+        key = (node.domain or "", node.op)
+        if bodies:
+            ops = _weighted_ops_in([n for body in bodies for n in body.nodes], functions)
+            where = f"in the bodies of this {node.op} node"
+        elif key in functions:
+            ops = _weighted_ops_in(functions[key].nodes, functions, frozenset({key}))
+            where = f"in the model-local function {key[0]}.{key[1]} it calls"
+        else:
+            continue
+        if ops:
+            counts = ", ".join(f"{ops.count(op)} {op}" for op in sorted(set(ops)))
+            kept[node.name] = f"{counts} {where}: kept float (layers inside subgraphs and functions are not quantized)"
+    return kept
 
 
 def _excluded_by(node: gs.Node, patterns) -> str | None:
@@ -123,5 +163,6 @@ def select_layers(graph: gs.Graph, ctx: CompileContext) -> None:
         if layer.splittable and len(weight.outputs) > 1:
             layer = replace(layer, split_refused=f"weight shared by {len(weight.outputs)} nodes")
         layers.append(layer)
+    kept_float.update(_layers_out_of_reach(graph))
     ctx.facts[LAYERS] = layers
     ctx.facts[KEPT_FLOAT] = kept_float

@@ -8,7 +8,6 @@ and its outputs are compared with the float model's (SQNR in dB).
 
 from __future__ import annotations
 
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
+from ocs_onnx import owned
 from ocs_onnx.calibration import integer_input_limits, model_input_specs, prepare_feed, synthetic_batches
 from ocs_onnx.context import CompileContext
 from ocs_onnx.errors import InvalidModelError, VerificationError, first_line
@@ -67,7 +67,7 @@ def kernel_disagreement_hint(weight_bits: int, abits: int | None) -> str:
 def optimized_op_counts(model: bytes | str) -> tuple[ort.InferenceSession, Counter]:
     """A session on the model (its bytes or its path) and the op types of the graph onnxruntime
     optimized it into."""
-    with tempfile.TemporaryDirectory() as tmp:
+    with owned.temporary_folder() as tmp:
         optimized_path = str(Path(tmp) / "optimized.onnx")
         config = {
             # only the op types are read: the weights go to a file that is never loaded
@@ -140,14 +140,14 @@ def _verify(graph: gs.Graph, ctx: CompileContext, model: bytes | str) -> None:
         ctx.warn("the compiled model produced NaN or Inf on the verification batch")
     if reference is not None:
         result["output_sqnr_db"] = {
-            n: sqnr_db(reference.outputs[n], o) for n, o in zip(names, outputs) if n in reference.outputs
+            n: _output_sqnr_db(n, reference.outputs[n], o) for n, o in zip(names, outputs) if n in reference.outputs
         }
     if integer:
         # The same QDQ model without graph optimizations runs DequantizeLinear + float ops: the
         # exact arithmetic the model specifies. The integer kernels must agree with it; a large
         # gap means a kernel overflowed (e.g. 16-bit pair sums of uint8 x int8 on AVX2).
         simulated = _unoptimized_session(model).run(None, feed)
-        agreement = {n: sqnr_db(s, o) for n, s, o in zip(names, simulated, outputs)}
+        agreement = {n: _output_sqnr_db(n, s, o) for n, s, o in zip(names, simulated, outputs)}
         result["integer_kernels_vs_qdq_sqnr_db"] = agreement
         worst = min((v for v in agreement.values() if v is not None), default=None)
         limit = ctx.config.min_kernel_agreement_db
@@ -164,6 +164,17 @@ def _verify(graph: gs.Graph, ctx: CompileContext, model: bytes | str) -> None:
                 + kernel_disagreement_hint(ctx.config.weight_bits, ctx.config.abits)
             )
     ctx.facts[VERIFICATION] = result
+
+
+def _output_sqnr_db(name: str, expected: np.ndarray, actual: np.ndarray) -> float | None:
+    """SQNR of a numeric output; an output of strings (or other objects) is not quantized and
+    must come out equal (None, as for an exact numeric output)."""
+    expected, actual = np.asarray(expected), np.asarray(actual)
+    if expected.dtype.kind in "biufc":
+        return sqnr_db(expected, actual)
+    if expected.shape != actual.shape or not (expected == actual).all():
+        raise VerificationError(f"output {name!r} ({expected.dtype} values, not quantized) differs from the input model's")
+    return None
 
 
 def _input_model_runs(ctx: CompileContext, feed: dict[str, np.ndarray]) -> bool:

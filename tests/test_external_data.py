@@ -382,3 +382,58 @@ def test_the_scale_tool_generator_writes_a_transformer_stack_with_external_data(
     assert y.shape == x.shape and np.isfinite(y).all()
     quantized, report = ocs_onnx.compile(path, abits=None)
     assert report["totals"]["quantized_layers"] == 2 * 6
+
+
+# A data file truncated by another process while the compile has it mapped: reading a page past
+# the new end is a bus error (and writing one to a file fails with EFAULT). The stand-in for the other process truncates it right after the
+# model was loaded (the passes read it next), or when the output is being written (a layer
+# kept float is copied from the mapped file then, with a dump already written).
+_TRUNCATING_CLI = """
+import os, sys
+import ocs_onnx.compiler as compiler
+import ocs_onnx.writing as writing
+from ocs_onnx.cli import main
+
+data, when = sys.argv[1], sys.argv[2]
+if when == "after loading":
+    load_model = compiler.load_model
+    def load_then_truncate(source):
+        loaded = load_model(source)
+        os.truncate(data, 1024)
+        return loaded
+    compiler.load_model = load_then_truncate
+else:
+    write_pending = writing._write_pending
+    def truncate_then_write(files, pending):
+        if any(str(path).endswith("model.q.onnx") for path in files):
+            os.truncate(data, 1024)
+        return write_pending(files, pending)
+    writing._write_pending = truncate_then_write
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("when", ["after loading", "while writing the output"])
+def test_a_data_file_truncated_while_mapped_is_exit_3_naming_it_and_leaves_nothing(when, tmp_path):
+    # weights of 1 MiB and more stay mapped through every pass (smaller ones are copied)
+    model = save_external(builders.transformer_block(d_model=576, d_ff=64), tmp_path / "ext")
+    data = tmp_path / "ext" / "model.onnx.data"
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"TMPDIR": str(scratch)}
+    subprocess.run([sys.executable, "-c", "import onnxruntime"], env=env, check=True)  # its own .ses file
+    scratch_listing = set(os.listdir(scratch))
+    listing = set(os.listdir(model.parent))
+    size = data.stat().st_size
+    args = ["compile", str(model), "-q", "--exclude", "*q_proj*", "--dump-after", "name-nodes"]
+    result = subprocess.run(
+        [sys.executable, "-c", _TRUNCATING_CLI, str(data), when, *args],
+        env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )
+    assert result.returncode == errors.INVALID_MODEL, result.stderr
+    assert result.stderr.splitlines() == [
+        f"ocs-onnx: error: {data}: the data file shrank from {size:,} to 1,024 bytes while it was being read; "
+        "nothing was written"
+    ]
+    assert set(os.listdir(model.parent)) == listing  # no output, no dump, no temporary file
+    assert set(os.listdir(scratch)) == scratch_listing

@@ -919,3 +919,33 @@ def test_a_damaged_calibration_file_is_a_calibration_data_error(damage, tmp_path
     listing = set(os.listdir(tmp_path))
     code, err = run_cli(capsys, "compile", model, "--calib-data", calib, "-q")
     assert_clean_failure(code, err, errors.CALIBRATION_DATA, tmp_path, listing, calib.name)
+
+
+# --------------------------------------------------------------------------------------------
+# What the written files look like
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_new_outputs_get_the_umask_permissions_and_replaced_ones_keep_theirs(umask, tmp_path, capsys):
+    model = save(small_mlp(), tmp_path / "model.onnx")
+    out, report = tmp_path / "out.onnx", tmp_path / "out.json"
+    previous = os.umask(umask)
+    try:
+        assert run_cli(capsys, "compile", model, "-o", out, "--report", report, "-q")[0] == 0
+        assert [path.stat().st_mode & 0o777 for path in (out, report)] == [0o666 & ~umask] * 2  # as cp makes them
+        out.chmod(0o640)
+        assert run_cli(capsys, "compile", model, "-o", out, "-q")[0] == 0
+        assert out.stat().st_mode & 0o777 == 0o640  # a replaced file keeps its permissions
+    finally:
+        os.umask(previous)
+
+
+def test_a_path_with_a_newline_stays_on_one_line_in_the_error(tmp_path, capsys):
+    model = save(small_mlp(), tmp_path / "model.onnx")
+    code, err = run_cli(capsys, "compile", model, "-o", tmp_path / "no\nsuch" / "out.onnx")
+    assert code == errors.USAGE
+    assert err.count("\n") == 1 and "no\\nsuch" in err
+    code, err = run_cli(capsys, "compile", tmp_path / "bad\rname.onnx")
+    assert code == errors.INVALID_MODEL
+    assert err.count("\n") == 1 and "bad\\rname.onnx: no such file" in err
