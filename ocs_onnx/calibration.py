@@ -166,8 +166,8 @@ def _array_source(where: str, opener: Callable) -> ArraySource:
 def _npz_sources(path: Path) -> dict[str, ArraySource]:
     try:
         archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise CalibrationDataError(f"{path}: not a readable .npz file ({exc})")
+    except _READ_ERRORS as exc:  # NotImplementedError: a zip version this Python cannot read
+        raise CalibrationDataError(f"{path}: not a readable .npz file ({type(exc).__name__}: {first_line(exc)})")
     sources = {}
     with archive:
         for member in archive.namelist():

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import click
 
-from . import __version__, bus_error
+from . import __version__, bus_error, owned
 from .clip import CLIP_METHODS
 from .config import ACTIVATION_TYPES, GRANULARITIES, SPLIT_MODES, CompileConfig
 from .errors import INTERNAL, USAGE, OcsError, UsageError, first_line, one_line
 from .pass_manager import PassFailure
-from .writing import default_output_path
+from .writing import Publication, default_output_path
 
 log = logging.getLogger("ocs_onnx")
 
@@ -291,22 +291,32 @@ class Signalled(BaseException):
 
 
 def _raise_signalled(signum, frame):
+    if owned.defer_signal(signum):
+        return  # raised again at the end of a section that must not be split
+    if Publication.done:
+        return  # the output is in place: the command finishes, in moments
     raise Signalled(signum)
 
 
 @contextlib.contextmanager
 def _signals_unwind():
-    """SIGINT and SIGTERM raise Signalled while the block runs (main thread only)."""
+    """SIGINT and SIGTERM raise Signalled while the block runs (main thread only); whatever
+    temporary an interrupted cleanup left registered is removed on the way out."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     bus_error.install()  # a data file truncated under the compile: exit 3, not a bare SIGBUS
+    Publication.done = False
     previous = {s: signal.signal(s, _raise_signalled) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        try:
+            with owned.signals_deferred():
+                owned.remove_all()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
 
 def main(argv=None) -> int:

@@ -26,7 +26,7 @@ from .passes import DEFAULT_PASSES
 from .report import build_report, report_json
 from .sessions import check_onnxruntime_loads
 from .external_data import data_file_name
-from .writing import default_output_path, model_files, save_graph_atomic, write_files_atomic
+from .writing import Publication, default_output_path, model_files, save_graph_atomic, write_files_atomic
 
 # onnx-graphsurgeon logs to stdout; only its errors matter to our users.
 G_LOGGER.severity = G_LOGGER.ERROR
@@ -77,11 +77,13 @@ def compile_graph(
     for name in config.dump_after:
         _check_pass_name(manager, name, "--dump-after")
 
-    def dump(name: str, g: gs.Graph) -> None:
-        written = save_graph_atomic(g, dump_path(Path(f"{dump_prefix}.onnx"), name), config.external_data)
-        for path in written:
+    def own_dumps(paths: list[Path]) -> None:
+        for path in paths:
             owned.own(path)  # until the compile succeeds: a failed one leaves no dumps
-        dumped.extend(written)
+        dumped.extend(paths)
+
+    def dump(name: str, g: gs.Graph) -> None:
+        save_graph_atomic(g, dump_path(Path(f"{dump_prefix}.onnx"), name), config.external_data, own_dumps)
 
     instruments = [
         Timing(),
@@ -227,5 +229,6 @@ def compile_file(
         report["output_data"] = next((str(p) for p in files if p != output_path), None)
         if report_path is not None:
             files[report_path] = report_json(report).encode()
-        write_files_atomic(files)  # the model, its data and its report appear together or not at all
+        # the model, its data and its report appear together or not at all
+        write_files_atomic(files, when_written=Publication.mark_done)
     return output_path, report

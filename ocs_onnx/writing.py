@@ -142,18 +142,36 @@ def serialized_model(graph: gs.Graph) -> tuple[Callable[[BinaryIO], None], int]:
     return write, len(model_head) + len(graph_key) + graph_size + len(model_tail)
 
 
-def write_files_atomic(files: dict[Path, Contents]) -> None:
+class Publication:
+    """Whether a compile's result is in place. The command line's interrupt handler reads it:
+    once the result's files are renamed into place, an interrupt lets the command finish, so
+    that "nothing was written" is never said of files that were."""
+
+    done = False
+
+    @classmethod
+    def mark_done(cls, paths: list[Path]) -> None:
+        cls.done = True
+
+
+def write_files_atomic(
+    files: dict[Path, Contents], when_written: Callable[[list[Path]], None] | None = None
+) -> None:
     """Writes every file to a temporary file beside it first, and renames them only once all
     are written: a failure (full disk, interrupt) leaves none of them and no temporary file.
     A rename that fails after others succeeded rolls those back (the files they replaced
-    return). A file's contents are bytes or a function writing them to the open file."""
+    return). A file's contents are bytes or a function writing them to the open file.
+    ``when_written(paths)`` runs right after the renames, in the same uninterruptible step."""
     pending: dict[Path, str] = {}
     try:
         _write_pending(files, pending)
         temporaries = list(pending.values())
-        _rename_all(pending)
-        for tmp_name in temporaries:
-            owned.disown(tmp_name)  # renamed into place: theirs now
+        with owned.signals_deferred():
+            _rename_all(pending)
+            for tmp_name in temporaries:
+                owned.disown(tmp_name)  # renamed into place
+            if when_written is not None:
+                when_written(list(files))
     except OSError as exc:  # a full disk, a read-only file system, ...: the user's to fix
         _remove(pending.values())
         if exc.errno == errno.EFAULT and bus_error.shrunk_files():
@@ -238,9 +256,8 @@ def _write_pending(files: dict[Path, Contents], pending: dict[Path, str]) -> Non
         folder = path.parent if str(path.parent) else Path(".")
         if not folder.is_dir():
             raise UsageError(f"cannot write {path}: folder {folder} does not exist")
-        fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp_name = owned.make_temporary_file(folder, prefix=f".{path.name}.", suffix=".tmp")
         pending[path] = tmp_name
-        owned.own(tmp_name)
         try:
             os.fchmod(fd, _mode_for(path))
             with os.fdopen(fd, "wb") as f:
@@ -255,9 +272,11 @@ def _write_pending(files: dict[Path, Contents], pending: dict[Path, str]) -> Non
             raise
 
 
-def save_graph_atomic(graph: gs.Graph, path: Path, external_data: bool = False) -> list[Path]:
+def save_graph_atomic(
+    graph: gs.Graph, path: Path, external_data: bool = False, when_written: Callable[[list[Path]], None] | None = None
+) -> list[Path]:
     """Writes the graph's model file (and data file); returns the paths written."""
     files = model_files(graph, path, external_data)[0]
-    write_files_atomic(files)
+    write_files_atomic(files, when_written)
     return list(files)
 

@@ -19,6 +19,7 @@ import io
 import json
 import os
 import pickle
+import signal
 import sys
 import tempfile
 import time
@@ -297,6 +298,32 @@ def duplicate_output(rng, model):
     return _serialize(model)
 
 
+def input_as_output(rng, model):
+    """A graph input that is also a graph output (valid ONNX): both roles must survive."""
+    value = model.graph.input[int(rng.integers(len(model.graph.input)))]
+    model.graph.output.insert(int(rng.integers(len(model.graph.output) + 1)), value)
+    return _serialize(model)
+
+
+def sparse_weight(rng, model):
+    """An initializer stored as a sparse tensor (valid ONNX): it is the dense weight it stands for."""
+    candidates = [t for t in model.graph.initializer if t.data_type == TensorProto.FLOAT and len(t.dims) >= 1]
+    if not candidates:
+        return _serialize(model)
+    tensor = candidates[int(rng.integers(len(candidates)))]
+    dense = numpy_helper.to_array(tensor)
+    dense = np.where(rng.random(dense.shape) < 0.5, 0, dense).astype(np.float32)
+    indices = np.flatnonzero(dense)
+    sparse = helper.make_sparse_tensor(
+        numpy_helper.from_array(dense.ravel()[indices], tensor.name),
+        numpy_helper.from_array(indices.astype(np.int64), f"{tensor.name}_indices"),
+        list(dense.shape),
+    )
+    model.graph.initializer.remove(tensor)
+    model.graph.sparse_initializer.append(sparse)
+    return _serialize(model)
+
+
 def unchanged(rng, model):
     return _serialize(model)
 
@@ -317,6 +344,8 @@ MUTATIONS = {
     "tiny weights, large bias": tiny_weights_large_bias,
     "random op": add_random_op,
     "duplicate output": duplicate_output,
+    "input as output": input_as_output,
+    "sparse weight": sparse_weight,
     "none": unchanged,
 }
 
@@ -482,6 +511,34 @@ def output_problem(model: onnx.ModelProto, output: Path) -> str | None:
     return None
 
 
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else f"not a file: {path.stat().st_mode:o}"
+
+
+@contextlib.contextmanager
+def _signal_after(interrupt: tuple[int, float] | None):
+    """Delivers the signal to the compiler's handler after the delay, as the kernel would: the
+    handler for that signal runs wherever the main thread is (only while the compiler's own
+    handler is installed: after main returns, the default action would end the test run)."""
+    if interrupt is None:
+        yield
+        return
+    signum, delay = interrupt
+
+    def deliver(_alarm, frame):
+        handler = signal.getsignal(signum)
+        if callable(handler) and getattr(handler, "__module__", "") == "ocs_onnx.cli":
+            handler(signum, frame)
+
+    previous = signal.signal(signal.SIGALRM, deliver)
+    signal.setitimer(signal.ITIMER_REAL, max(delay, 1e-4))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def run_case(index: int, rng: np.random.Generator, models: dict[str, onnx.ModelProto], folder: Path) -> Outcome:
     model_name = str(rng.choice(sorted(models)))
     mutation = str(rng.choice(sorted(MUTATIONS)))
@@ -514,19 +571,28 @@ def run_case(index: int, rng: np.random.Generator, models: dict[str, onnx.ModelP
         args += ["--report", str(report)]
     if rng.random() < 0.15:
         args += ["--dump-after", str(rng.choice(["name-nodes", "weight-ocs"]))]
+    if rng.random() < 0.03:
+        # an output that is a FIFO: refused (exit 2), never replaced by a regular file
+        os.mkfifo(folder / "fifo.onnx")
+        args[args.index("-o") + 1] = str(folder / "fifo.onnx")
+    # a signal at a random point of the compile (or after it: then it changes nothing)
+    interrupt = (int(rng.choice([signal.SIGINT, signal.SIGTERM])), float(rng.uniform(0.0, 0.06)))
+    interrupt = interrupt if rng.random() < 0.1 else None
     case = f"#{index} {model_name}: {mutation}, calibration {calib}: {' '.join(args[4:])}"
+    case += f", signal {interrupt[0]} after {interrupt[1]:.3f} s" if interrupt else ""
     before = set(os.listdir(folder))
+    temporary_before = set(os.listdir(tempfile.gettempdir()))
     digest = hashlib.sha256(data).hexdigest()
-    inputs_before = {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in before}
+    inputs_before = {name: _digest(folder / name) for name in before}
     try:
-        with captured_stderr() as captured:
+        with captured_stderr() as captured, _signal_after(interrupt):
             code = main(args)
     except BaseException as exc:  # noqa: BLE001 - anything escaping main is a crash
         return Outcome(case, None, "", f"exception escaped main: {type(exc).__name__}: {exc}")
     stderr = captured[0].strip()
     lines = stderr.splitlines()
     problem = None
-    changed = [n for n, d in inputs_before.items() if hashlib.sha256((folder / n).read_bytes()).hexdigest() != d]
+    changed = [n for n, d in inputs_before.items() if _digest(folder / n) != d]
     if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
         problem = "the input model changed"
     elif changed:
@@ -556,8 +622,16 @@ def run_case(index: int, rng: np.random.Generator, models: dict[str, onnx.ModelP
             problem = "not exactly one error line on stderr"
         elif any(p.exists() and p.name not in before for p in (output, report)):
             problem = "an output or a report was written on failure"
+    elif interrupt is not None and code == 128 + interrupt[0]:
+        said = "interrupted" if interrupt[0] == signal.SIGINT else "terminated"
+        if lines != [f"ocs-onnx: {said}; nothing was written"]:
+            problem = "not exactly the one interrupt line on stderr"
+        elif any(p.exists() and p.name not in before for p in (output, report)):
+            problem = "an output or a report was written though the compile was interrupted"
     else:
         problem = f"exit code {code}"
+    if problem is None and set(os.listdir(tempfile.gettempdir())) != temporary_before:
+        problem = f"left in the temporary folder: {sorted(set(os.listdir(tempfile.gettempdir())) ^ temporary_before)}"
     written = {output.name, report.name, output.name + ".data"} | {p for p in os.listdir(folder) if ".after-" in p}
     leftovers = sorted(set(os.listdir(folder)) - before - (written if code == 0 else {output.name, report.name}))
     if problem is None and leftovers:
@@ -586,12 +660,24 @@ class FuzzStats:
         }
 
 
+@contextlib.contextmanager
+def _private_temporary_folder():
+    with tempfile.TemporaryDirectory() as private:
+        previous, tempfile.tempdir = tempfile.tempdir, private
+        try:
+            yield
+        finally:
+            tempfile.tempdir = previous
+
+
 def fuzz(cases: int = CASES, seed: int = SEED, budget: float = TIME_BUDGET_SECONDS) -> FuzzStats:
     rng = np.random.default_rng(seed)
     models = base_models()
     stats = FuzzStats(seed=seed)
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
+    # a temporary folder of the fuzzer's own as the process's: what a case leaves there is the
+    # case's (the system's is shared with every other process on the machine)
+    with tempfile.TemporaryDirectory() as tmp, _private_temporary_folder():
         for index in range(cases):
             if time.perf_counter() - start > budget:
                 break

@@ -823,11 +823,13 @@ def test_a_negative_seed_or_an_empty_path_is_a_usage_error(args, fragment, tmp_p
 def test_a_signal_during_a_compile_leaves_nothing_behind(signum, code, tmp_path):
     # a compile long enough to be caught in the middle (calibration of a wider net)
     model = save(builders.conv_bn_residual_net(channels=96), tmp_path / "model.onnx")
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(0).normal(size=(4096, 3, 16, 16)).astype(np.float32))
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     listing = set(os.listdir(tmp_path))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"TMPDIR": str(scratch)}
-    command = [sys.executable, "-m", "ocs_onnx", "compile", str(model), "--calib-samples", "4096", "-q"]
+    command = [sys.executable, "-m", "ocs_onnx", "compile", str(model), "--calib-data", str(calib), "--calib-samples", "4096", "-q"]
     # importing onnxruntime leaves a session-id file of its own (.ses) in $TMPDIR: not ours
     subprocess.run([sys.executable, "-c", "import onnxruntime"], env=env, check=True)
     scratch_listing = set(os.listdir(scratch))
@@ -901,10 +903,20 @@ def _damaged_npz(tmp_path: Path, damage: str) -> Path:
     with zipfile.ZipFile(path) as archive:
         info = archive.getinfo("x.npy")
     start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    central = data.rfind(b"PK\x01\x02")  # the member's central directory entry
     if damage == "bad CRC":
         # the stored CRC of the member (local header and central directory) no longer matches
-        for offset in (info.header_offset + 14, data.rfind(b"PK\x01\x02") + 16):
+        for offset in (info.header_offset + 14, central + 16):
             data[offset] ^= 0xFF
+    elif damage == "encrypted":  # general-purpose flag bit 0, in both headers
+        data[info.header_offset + 6] |= 1
+        data[central + 8] |= 1
+    elif damage == "deflate64":  # compression method 9, which zipfile cannot read
+        data[info.header_offset + 8] = 9
+        data[central + 10] = 9
+    elif damage == "needs zip version 25.1":
+        data[info.header_offset + 4] = 251
+        data[central + 6] = 251
     else:  # corrupt deflate data
         for offset in range(start + 10, start + 40):
             data[offset] ^= 0x5A
@@ -912,7 +924,11 @@ def _damaged_npz(tmp_path: Path, damage: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("damage", ["bad CRC", "corrupt deflate", "fortran, truncated", "header claims 10^12 samples"])
+@pytest.mark.parametrize(
+    "damage",
+    ["bad CRC", "corrupt deflate", "encrypted", "deflate64", "needs zip version 25.1", "fortran, truncated",
+     "header claims 10^12 samples"],
+)
 def test_a_damaged_calibration_file_is_a_calibration_data_error(damage, tmp_path, capsys):
     model = save(small_mlp(), tmp_path / "model.onnx")
     calib = _damaged_npz(tmp_path, damage)
@@ -949,3 +965,24 @@ def test_a_path_with_a_newline_stays_on_one_line_in_the_error(tmp_path, capsys):
     code, err = run_cli(capsys, "compile", tmp_path / "bad\rname.onnx")
     assert code == errors.INVALID_MODEL
     assert err.count("\n") == 1 and "bad\\rname.onnx: no such file" in err
+
+
+def test_a_signal_while_the_output_is_renamed_into_place_lets_the_write_finish(tmp_path, capsys, monkeypatch):
+    # From the first rename on, "nothing was written" would be false: the interrupt is noted
+    # and the compile ends as it would have.
+    import signal
+
+    from ocs_onnx import writing
+
+    rename_all = writing._rename_all
+
+    def rename_with_a_signal(pending):
+        if any(path.name == "out.onnx" for path in pending):
+            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)  # what delivery would run
+        rename_all(pending)
+
+    monkeypatch.setattr(writing, "_rename_all", rename_with_a_signal)
+    model = save(small_mlp(), tmp_path / "model.onnx")
+    code, err = run_cli(capsys, "compile", model, "-o", tmp_path / "out.onnx", "--report", tmp_path / "r.json", "-q")
+    assert (code, err) == (0, "")
+    assert onnx.load(str(tmp_path / "out.onnx")).graph.output and json.loads((tmp_path / "r.json").read_text())

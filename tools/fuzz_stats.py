@@ -24,6 +24,8 @@ EXIT_MEANINGS = {
     "4": "unsupported model",
     "5": "calibration data error",
     "6": "verification failure",
+    "130": "interrupted (SIGINT)",
+    "143": "terminated (SIGTERM)",
 }
 
 
