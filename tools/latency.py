@@ -1,15 +1,16 @@
 """Latency of compiled models against their float model, measured in one process.
 
-For each model (the demo and, with the bench extra, PP-OCRv5 rec/cls/det from the zoo) it
-compiles the configurations below and onnxruntime's own quantize_static (W8A8 QDQ, per-channel,
-MinMax; the bench's peer), then times every session in interleaved rounds (float,
+For each model (the demo and, with the bench extra, PP-OCRv5 rec/cls/det and ddddocr-det from
+the zoo) it compiles the configurations below and onnxruntime's own quantize_static (W8A8 QDQ,
+per-channel, MinMax; the bench's peer), then times every session in interleaved rounds (float,
 then each compiled model, round after round, so that the machine's drift hits all alike) and
 prints the median of each model's time over the float model's time in the same round. Two
-settings: one thread at batch 1, and all cores at batch 8. It also prints how many split layers
+settings: one thread at batch 1, and all cores at batch 8 (a model whose input fixes its batch
+size, as ddddocr-det's fixes 1, runs at that size in both). It also prints how many split layers
 had their copies computed by their producer, and (``--metrics``) the task metric of each model.
 
     python tools/latency.py                      # the demo
-    python tools/latency.py --models demo ppocrv5-cls ppocrv5-rec ppocrv5-det --metrics
+    python tools/latency.py --models demo ppocrv5-cls ppocrv5-rec ppocrv5-det ddddocr-det --metrics
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # the checkout, after
 sys.path.append(str(Path(__file__).resolve().parent))  # tools/, for bench.py's model registry
 
 import ocs_onnx  # noqa: E402
-from bench import ORT_RUNS, latency_ratios, ort_quantize, registry  # noqa: E402
+from bench import ORT_RUNS, fixed_batch, latency_ratios, ort_quantize, registry  # noqa: E402
 
 # (label, compile options): ratio 0 is the baseline OCS is judged against.
 CONFIGS = [
@@ -62,8 +63,9 @@ def measure(name: str, work: Path, rounds: int, metrics: bool) -> list[str]:
         rows.append([label, folded, f"{100 * totals['weight_overhead']:.2f}"])
         paths.append(output)
     lines = []
+    fixed = fixed_batch(subject.model)  # a model whose input fixes its batch size runs at that size
     for setting, threads, batch in SETTINGS:
-        ratios = latency_ratios(paths, _batch(subject.latency_feed, batch), threads, rounds)
+        ratios = latency_ratios(paths, _batch(subject.latency_feed, fixed or batch), threads, rounds)
         for row, ratio in zip(rows, ratios[1:]):
             row.append(f"{ratio:.2f}")
     if metrics:
