@@ -130,6 +130,19 @@ def _option(*flags: str, field: str, **kwargs):
     "instead of copying them at run time.",
 )
 @_option(
+    "--int8-ops/--layers-only",
+    field="int8_ops",
+    help="Also quantize the ops onnxruntime runs as integer kernels between the layers (Add, Mul, Concat, pooling, "
+    "Sigmoid, and data movement), or only the layers' inputs and Conv outputs.",
+)
+@_option(
+    "--int8-error-margin",
+    field="int8_error_margin_db",
+    type=NumberOrNone(),
+    help="With --int8-ops, keep float a tensor whose estimated quantization SQNR is more than this many dB below "
+    "the median of the layers' activations; 'none' never does.",
+)
+@_option(
     "--granularity",
     field="granularity",
     type=click.Choice(GRANULARITIES),
@@ -219,6 +232,8 @@ def compile_command(
     split,
     ocs_guard,
     fold_copies,
+    int8_ops,
+    int8_error_margin,
     granularity,
     activation_type,
     wclip,
@@ -256,6 +271,8 @@ def compile_command(
         split=split,
         ocs_guard=ocs_guard,
         fold_ocs_copies=fold_copies,
+        int8_ops=int8_ops,
+        int8_error_margin_db=int8_error_margin,
         granularity=granularity,
         activation_type=activation_type,
         wclip=wclip,

@@ -33,6 +33,12 @@ class CompileConfig:
     # time. False: always a Concat of Slices at run time.
     fold_ocs_copies: bool = True
     granularity: str = "channel"
+    # Quantize, beyond the layers, the ops onnxruntime runs as integer kernels (residual Adds,
+    # SE Muls, pooling, Concat, Sigmoid, and the data movement between them: ocs_onnx/placement.py).
+    int8_ops: bool = True
+    # A tensor the int8 placement added stays float when its estimated quantization SQNR is
+    # more than this many dB below the median of the layers' activations. None: never.
+    int8_error_margin_db: float | None = 12.0
     # uint8 with a zero point (asymmetric) or int8 with zero point 0 (symmetric).
     activation_type: str = "uint8"
     # Clip-threshold methods for weights and activations (see ocs_onnx/clip.py).
@@ -91,9 +97,10 @@ class CompileConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        value = self.min_kernel_agreement_db
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value != value):
-            raise UsageError(f"--min-kernel-agreement must be a number of dB or 'none', got {value!r}")
+        for flag, value in (("--min-kernel-agreement", self.min_kernel_agreement_db),
+                            ("--int8-error-margin", self.int8_error_margin_db)):  # fmt: skip
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value != value):
+                raise UsageError(f"{flag} must be a number of dB or 'none', got {value!r}")
         if self.calib_data is not None:
             object.__setattr__(self, "calib_data", Path(self.calib_data))
         object.__setattr__(self, "exclude", tuple(self.exclude))

@@ -82,6 +82,12 @@ class ActivationPlan:
 
     tensors: dict[str, str]
     split_candidates: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # What the int8 placement added (ocs_onnx/placement.py): its tensors (which calibration may
+    # still keep float), scalar constants {name: nodes reading them quantized}, integer ops
+    # {node: (the kernel onnxruntime runs it as, the activations it reads and writes)}.
+    placed: tuple[str, ...] = ()
+    constants: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    integer_ops: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -236,6 +242,7 @@ UNIQUE_NODE_NAMES = Fact("unique-node-names", Binding.NONE, "marker: every node 
 CONSTANT_WEIGHTS = Fact("constant-weights", Binding.NONE, "marker: weights in Constant nodes are initializers")
 OPSET_13 = Fact("opset-13", Binding.NONE, "marker: opset 13 or newer (per-axis DequantizeLinear)")
 BATCHNORMS_FOLDED = Fact("batchnorms-folded", Binding.NONE, "marker: BatchNorms after Convs are folded")
+AFFINE_FOLDED = Fact("affine-folded", Binding.NONE, "marker: constant Add/Sub/Mul after Convs are folded")
 TENSOR_TYPES = Fact("tensor-types", Binding.NONE, "marker: tensors carry inferred types and shapes")
 LINEAR_CANONICAL = Fact("linear-canonical", Binding.NONE, "marker: 2-D MatMul + Add are Gemms, alpha/beta folded")
 LAYERS = Fact("layers", Binding.OBJECTS, "list[Layer]: the layers to quantize")
@@ -264,6 +271,8 @@ class ActivationClipping:
     thresholds: dict[str, float]
     clipped_ranges: dict[str, tuple[float, float]]
     sqnr_db: dict[str, float | None]
+    # Tensors the int8 placement added that the statistics keep float, and why.
+    kept_float: dict[str, str] = field(default_factory=dict)
 
 
 __all__ = [

@@ -153,6 +153,8 @@ def _activation_entries(facts: Facts, config: CompileConfig) -> dict:
     sources = activations_to_quantize(facts.get(ACTIVATION_PLAN), splits, facts.get(WEIGHT_SPLITS))
     entries = {}
     for name, qp in qparams.items():
+        if name not in sources:
+            continue  # a scalar constant of an integer op (listed with the integer ops)
         source = sources[name]
         (lo, hi), _ = observed(source, statistics, splits)
         split = splits.splits.get(source)
@@ -172,6 +174,22 @@ def _activation_entries(facts: Facts, config: CompileConfig) -> dict:
             "sqnr_db": _round(clipping.sqnr_db.get(source)),
         }
     return entries
+
+
+def _integer_op_entries(facts: Facts) -> dict:
+    """The ops beyond the layers that were planned as integer kernels and kept so: {node: kernel}."""
+    plan, qparams = facts.get(ACTIVATION_PLAN), facts.get(ACTIVATION_QPARAMS, {})
+    if plan is None or not qparams:
+        return {}
+    # an op one of whose tensors calibration kept float runs in float
+    return {
+        node: kernel for node, (kernel, tensors) in plan.integer_ops.items() if all(t in qparams for t in tensors)
+    }
+
+
+def _kept_float_activations(facts: Facts) -> dict:
+    clipping = facts.get(ACTIVATION_CLIPPING)
+    return dict(clipping.kept_float) if clipping is not None else {}
 
 
 def build_report(ctx: CompileContext, model_in, output: tuple[int, int]) -> dict:
@@ -194,6 +212,8 @@ def build_report(ctx: CompileContext, model_in, output: tuple[int, int]) -> dict
         "layers": [layer_entry(view, config) for view in views],
         "kept_float": facts.get(KEPT_FLOAT, {}),
         "activations": _activation_entries(facts, config),
+        "integer_ops": _integer_op_entries(facts),
+        "kept_float_activations": _kept_float_activations(facts),
         "calibration": calibration.summary if calibration is not None else {},
         "onnxruntime": facts.get(VERIFICATION, {}),
         "totals": {

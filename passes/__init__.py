@@ -3,6 +3,7 @@ default pipeline. Installed as ``ocs_onnx.passes``."""
 
 from . import (
     activation_ocs,
+    affine,
     activations,
     batchnorm,
     calibrate,
@@ -28,6 +29,7 @@ DEFAULT_PASSES = [
     names.name_nodes,
     constants.constants_to_initializers,
     batchnorm.fold_batchnorm,
+    affine.fold_affine,
     shapes.infer_shapes,
     linear.canonicalize_linear,
     select.select_layers,

@@ -11,7 +11,10 @@ float output (MatMulIntegerToFloat, QGemm). So we quantize:
   activation's output is quantized instead: with a uint8 zero point at the bottom of the
   range, onnxruntime removes the Relu/Clip and QLinearConv clamps for free.
 
-Other float ops read dequantized values where they share a tensor with a quantized layer.
+With ``--int8-ops`` (the default) the int8 region then grows from those tensors through the ops
+onnxruntime runs as integer kernels (residual Adds, SE Muls, pooling, Concat, Sigmoid) and the
+data movement between them (``ocs_onnx/placement.py``). Other float ops read dequantized values
+where they share a tensor with a quantized layer.
 
 With ``--act-ratio``, the pass also lists the tensors activation OCS may split: a layer input
 that only splittable layers read and that is quantized with its own statistics. A tensor that
@@ -28,6 +31,7 @@ import onnx_graphsurgeon as gs
 from ocs_onnx.context import CompileContext
 from ocs_onnx.facts import ACTIVATION_PLAN, LAYERS, TENSOR_TYPES, ActivationPlan, Layer
 from ocs_onnx.pass_manager import compiler_pass
+from ocs_onnx.placement import Placement, passes_through, place_integer_ops
 
 # Activations onnxruntime folds into the quantization of the tensor after them.
 FOLDABLE_ACTIVATIONS = ("Relu", "Clip")
@@ -49,7 +53,7 @@ def _output_to_quantize(node: gs.Node, graph_outputs: set[str]) -> gs.Tensor:
     return out
 
 
-def _resolve_sources(planned: dict[str, str], tensors: dict[str, gs.Tensor]) -> None:
+def _resolve_sources(planned: dict[str, str], tensors: dict[str, gs.Tensor], through_region: bool = False) -> None:
     """Points every planned tensor at the tensor whose parameters it must share.
 
     Behind a data-movement op whose input is quantized anyway, a tensor holds a subset of that
@@ -61,6 +65,9 @@ def _resolve_sources(planned: dict[str, str], tensors: dict[str, gs.Tensor]) -> 
         producers = tensors[name].inputs
         if len(producers) == 1 and producers[0].op in DATA_MOVEMENT_OPS and producers[0].inputs[0].name in planned:
             return source(producers[0].inputs[0].name)
+        if through_region and len(producers) == 1 and passes_through(producers[0]) and producers[0].inputs[0].name in planned:
+            # an op the int8 region runs on 8-bit data (placement.PASS_THROUGH_OPS)
+            return source(producers[0].inputs[0].name)
         return name
 
     for name in list(planned):
@@ -69,8 +76,9 @@ def _resolve_sources(planned: dict[str, str], tensors: dict[str, gs.Tensor]) -> 
 
 @compiler_pass("plan-activations", requires=(LAYERS, TENSOR_TYPES), produces=(ACTIVATION_PLAN,))
 def plan_activations(graph: gs.Graph, ctx: CompileContext) -> None:
-    """Which activations get QuantizeLinear/DequantizeLinear pairs (layer inputs, Conv outputs);
-    with `--act-ratio`, which of them activation OCS may split."""
+    """Which activations get QuantizeLinear/DequantizeLinear pairs (layer inputs, Conv outputs,
+    and with `--int8-ops` the ops onnxruntime runs as integer kernels between them); with
+    `--act-ratio`, which of them activation OCS may split."""
     if ctx.config.abits is None:
         ctx.facts[ACTIVATION_PLAN] = ActivationPlan({})
         return
@@ -87,8 +95,20 @@ def plan_activations(graph: gs.Graph, ctx: CompileContext) -> None:
             if _is_float(out):
                 planned[out.name] = out.name
     _resolve_sources(planned, graph.tensors())
+    placement = place_integer_ops(graph, planned) if ctx.config.int8_ops else Placement()
+    if placement.tensors:
+        # after the layers' own tensors, in graph order: the order the pairs are inserted in
+        planned.update(placement.tensors)
+        # a layer input behind a data-movement op that the region quantizes shares its parameters
+        _resolve_sources(planned, graph.tensors(), through_region=True)
     candidates = _split_candidates(layers, planned, graph_outputs) if ctx.config.act_ratio > 0 else {}
-    ctx.facts[ACTIVATION_PLAN] = ActivationPlan(planned, candidates)
+    ctx.facts[ACTIVATION_PLAN] = ActivationPlan(
+        planned,
+        candidates,
+        placed=tuple(placement.tensors),
+        constants={name: tuple(nodes) for name, nodes in placement.constants.items()},
+        integer_ops=placement.integer_ops,
+    )
 
 
 def _split_candidates(

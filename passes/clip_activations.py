@@ -35,6 +35,7 @@ from ocs_onnx.facts import (
 )
 from ocs_onnx.histogram import SymmetricHistogram
 from ocs_onnx.pass_manager import compiler_pass
+from ocs_onnx.placement import keep_float_reason, median
 from ocs_onnx.quant import (
     ActivationQParams,
     asymmetric_uint8_qparams,
@@ -70,6 +71,35 @@ def activation_threshold(histogram: SymmetricHistogram, lo: float, config: Compi
     return percentile_threshold_histogram(counts, edges, config.percentile)
 
 
+def _kept_float(plan, tensors, statistics, splits, clipping: ActivationClipping, config) -> dict[str, str]:
+    """The tensors the int8 placement added that their statistics keep float, and why."""
+    placed = {tensors[t] for t in plan.placed if tensors.get(t) == t}  # placed with statistics of their own
+    typical = median(s for source, s in clipping.sqnr_db.items() if source not in placed)
+    kept = {}
+    for source in placed:
+        (lo, hi), _ = observed(source, statistics, splits)
+        reason = keep_float_reason((lo, hi), clipping.sqnr_db.get(source), typical, config.int8_error_margin_db)
+        if reason is not None:
+            kept[source] = reason
+    return kept
+
+
+def _constants_still_read_quantized(plan, qparams: dict, graph: gs.Graph) -> list[str]:
+    """The placed scalar constants whose integer op still has every activation input quantized."""
+    nodes = {node.name: node for node in graph.nodes}
+    kept = []
+    for name, readers in plan.constants.items():
+        for reader in readers:
+            node = nodes.get(reader)
+            if node is None:
+                continue
+            activations = [t for t in node.inputs if not isinstance(t, gs.Constant)]
+            if all(t.name in qparams for t in activations) and node.outputs[0].name in qparams:
+                kept.append(name)
+                break
+    return kept
+
+
 @compiler_pass("clip-activations",
                requires=(ACTIVATION_PLAN, ACTIVATION_STATISTICS, ACTIVATION_SPLITS, WEIGHT_SPLITS),
                produces=(ACTIVATION_QPARAMS, ACTIVATION_CLIPPING))
@@ -92,8 +122,17 @@ def clip_activations(graph: gs.Graph, ctx: CompileContext) -> None:
             qp = activation_qparams(lo, hi, config.abits, config.activation_type)
             if histogram is not None and histogram.limit > 0:
                 clipping.sqnr_db[source] = histogram_sqnr_db(histogram.counts, histogram.edges, qp, config.abits)
+        plan = ctx.facts[ACTIVATION_PLAN]
+        clipping.kept_float.update(_kept_float(plan, tensors, statistics, splits, clipping, config))
         for name, source in tensors.items():
+            if source in clipping.kept_float:
+                continue
             lo, hi = clipping.clipped_ranges[source]
+            qparams[name] = activation_qparams(lo, hi, config.abits, config.activation_type)
+        graph_tensors = graph.tensors()
+        for name in _constants_still_read_quantized(plan, qparams, graph):
+            values = graph_tensors[name].values
+            lo, hi = min(float(values.min()), 0.0), max(float(values.max()), 0.0)
             qparams[name] = activation_qparams(lo, hi, config.abits, config.activation_type)
     ctx.facts[ACTIVATION_CLIPPING] = clipping
     ctx.facts[ACTIVATION_QPARAMS] = qparams

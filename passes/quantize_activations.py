@@ -13,6 +13,7 @@ import onnx_graphsurgeon as gs
 
 from ocs_onnx.context import CompileContext
 from ocs_onnx.facts import (
+    ACTIVATION_PLAN,
     ACTIVATION_QPARAMS,
     LAYERS,
     QA_ACTIVATION_OFFSETS,
@@ -37,9 +38,15 @@ def grid_limits(qp: ActivationQParams, bits: int) -> tuple[float, float]:
 
 
 def _insert_qdq(
-    graph: gs.Graph, ctx: CompileContext, tensor: gs.Variable, qp: ActivationQParams, bits: int
+    graph: gs.Graph,
+    ctx: CompileContext,
+    tensor: gs.Tensor,
+    qp: ActivationQParams,
+    bits: int,
+    consumers: list[gs.Node] | None = None,
 ) -> gs.Variable:
-    """tensor -> Q -> DQ -> (every former consumer). Returns the dequantized tensor.
+    """tensor -> Q -> DQ -> (every former consumer, or ``consumers``). Returns the dequantized
+    tensor.
 
     A k-bit grid with k < 8 lives inside the 8-bit type, whose QuantizeLinear saturates at the
     8-bit limits only: a Clip to the k-bit grid in front makes values beyond it saturate where
@@ -47,7 +54,7 @@ def _insert_qdq(
     """
     scale = gs.Constant(ctx.unique_name(f"{tensor.name}_scale"), np.asarray(qp.scale, dtype=np.float32))
     zero_point = gs.Constant(ctx.unique_name(f"{tensor.name}_zero_point"), np.asarray(qp.zero_point, dtype=qp.dtype))
-    consumers = list(tensor.outputs)
+    consumers = list(tensor.outputs) if consumers is None else consumers
     quantized = gs.Variable(ctx.unique_name(f"{tensor.name}_quantized"), dtype=qp.dtype, shape=tensor.shape)
     dequantized = gs.Variable(ctx.unique_name(f"{tensor.name}_dequantized"), dtype=np.float32, shape=tensor.shape)
     to_quantize = tensor
@@ -94,6 +101,13 @@ def _insert_qdq(
     return dequantized
 
 
+def _reads_quantized(node: gs.Node, qparams: dict) -> bool:
+    """Every activation input and the output of the node are quantized (before any pair is
+    inserted: names as planned)."""
+    activations = [t for t in node.inputs if not isinstance(t, gs.Constant)]
+    return all(t.name in qparams for t in activations) and node.outputs[0].name in qparams
+
+
 def _quantize_bias(
     ctx: CompileContext, layer: Layer, out_channels: int, weight_scale: np.ndarray, input_scale: float
 ) -> gs.Node | None:
@@ -128,8 +142,8 @@ def _quantize_bias(
 # after the weights: an int32 bias has scale input x weight scale, and its layer reads the
 # dequantized weight by then
 @compiler_pass("quantize-activations",
-               requires=(LAYERS, ACTIVATION_QPARAMS, WEIGHT_SPLITS, WEIGHT_SCALES, QUANTIZED_WEIGHTS,
-                         QA_ACTIVATION_OFFSETS),
+               requires=(LAYERS, ACTIVATION_PLAN, ACTIVATION_QPARAMS, WEIGHT_SPLITS, WEIGHT_SCALES,
+                         QUANTIZED_WEIGHTS, QA_ACTIVATION_OFFSETS),
                produces=(QUANTIZED_ACTIVATIONS,), effect=GraphEffect.EDITS)
 def quantize_activations(graph: gs.Graph, ctx: CompileContext) -> None:
     """Q/DQ pairs on activations (below 8 bits behind a Clip to the k-bit grid); biases become
@@ -139,8 +153,18 @@ def quantize_activations(graph: gs.Graph, ctx: CompileContext) -> None:
         return
     tensors = graph.tensors()
     input_scales: dict[str, float] = {}
+    qparams, plan = ctx.facts[ACTIVATION_QPARAMS], ctx.facts[ACTIVATION_PLAN]
+    nodes = {node.name: node for node in graph.nodes}
+    # a scalar constant of integer ops is quantized for those ops alone (others read it as it is)
+    constant_readers = {
+        name: [nodes[n] for n in readers if n in nodes and _reads_quantized(nodes[n], qparams)]
+        for name, readers in plan.constants.items()
+    }
     # Graph order (the planned dict's insertion order follows the layers' order): deterministic.
-    for name, qp in ctx.facts[ACTIVATION_QPARAMS].items():
+    for name, qp in qparams.items():
+        if name in constant_readers:
+            _insert_qdq(graph, ctx, tensors[name], qp, ctx.config.abits, consumers=constant_readers[name])
+            continue
         dequantized = _insert_qdq(graph, ctx, tensors[name], qp, ctx.config.abits)
         input_scales[dequantized.name] = qp.scale
     scales, splits = ctx.facts[WEIGHT_SCALES], ctx.facts[WEIGHT_SPLITS].layers

@@ -19,6 +19,7 @@ import onnx_graphsurgeon as gs
 
 from ocs_onnx.context import CompileContext
 from ocs_onnx.facts import (
+    AFFINE_FOLDED,
     BATCHNORMS_FOLDED,
     CONSTANT_WEIGHTS,
     KEPT_FLOAT,
@@ -131,7 +132,8 @@ def plan_layer(node: gs.Node, weight: gs.Constant) -> Layer | str:
 # names for --exclude and the report; weights as they will run, in initializers; opset 13
 # for the per-channel DequantizeLinear the layers will get
 @compiler_pass("select-layers",
-               requires=(UNIQUE_NODE_NAMES, CONSTANT_WEIGHTS, BATCHNORMS_FOLDED, LINEAR_CANONICAL, OPSET_13),
+               requires=(UNIQUE_NODE_NAMES, CONSTANT_WEIGHTS, BATCHNORMS_FOLDED, AFFINE_FOLDED, LINEAR_CANONICAL,
+                         OPSET_13),
                produces=(LAYERS, KEPT_FLOAT))
 def select_layers(graph: gs.Graph, ctx: CompileContext) -> None:
     """Conv (group 1), Gemm and MatMul with constant weights are quantized and splittable;

@@ -207,6 +207,67 @@ def test_batchnorm_is_folded_into_conv_and_constants_become_initializers():
     assert not any(n.op_type == "Constant" for n in quantized.graph.node)
 
 
+def _conv_then(ops: list[tuple[str, np.ndarray, bool]], bias: bool) -> onnx.ModelProto:
+    """x -> Conv -> each (op, constant, constant first) in turn -> Relu -> y."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.normal(size=(6, 3, 3, 3)).astype(np.float32), "W")]
+    conv_inputs = ["x", "W"]
+    if bias:
+        inits.append(numpy_helper.from_array(rng.normal(size=6).astype(np.float32), "B"))
+        conv_inputs.append("B")
+    nodes = [helper.make_node("Conv", conv_inputs, ["t0"], pads=[1, 1, 1, 1])]
+    for i, (op, value, first) in enumerate(ops):
+        inits.append(numpy_helper.from_array(value.astype(np.float32), f"c{i}"))
+        operands = [f"c{i}", f"t{i}"] if first else [f"t{i}", f"c{i}"]
+        nodes.append(helper.make_node(op, operands, [f"t{i + 1}"]))
+    nodes.append(helper.make_node("Relu", [f"t{len(ops)}"], ["y"]))
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 8, 8])], inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+PER_CHANNEL = np.linspace(-1.5, 2.0, 6)
+
+
+@pytest.mark.parametrize(
+    "ops, bias",
+    [
+        ([("Add", PER_CHANNEL.reshape(1, 6, 1, 1), False)], False),  # paddle2onnx's bias Add
+        ([("Add", PER_CHANNEL.reshape(6, 1, 1), True), ("Mul", np.array([0.7]), False), ("Add", np.array(0.2), False)], True),
+        ([("Mul", PER_CHANNEL.reshape(1, 6, 1, 1), True), ("Sub", np.array([0.3]), False)], True),
+    ],
+    ids=["bias add", "bias, then a scalar scale and shift", "per-channel scale, then a shift"],
+)
+def test_constant_affine_ops_after_a_conv_fold_into_it_and_compute_the_same_function(ops, bias):
+    model = _conv_then(ops, bias)
+    rewritten, report = ocs_onnx.compile(model, abits=None, ratio=0.0, stop_after="fold-affine")
+    assert [n.op_type for n in rewritten.graph.node] == ["Conv", "Relu"]
+    assert report["normalization"]["affine_ops_folded"] == len(ops)
+    feed = {"x": np.random.default_rng(4).normal(size=(2, 3, 8, 8)).astype(np.float32)}
+    assert max_relative_error(run_model(model, feed)[0], run_model(rewritten, feed)[0]) < 1e-6
+
+
+@pytest.mark.parametrize(
+    "ops",
+    [
+        [("Add", np.ones((1, 6, 8, 1)), False)],  # varies along a spatial axis
+        [("Add", np.ones((2, 6, 1, 1)), False)],  # varies along the batch axis
+        [("Sub", np.array([0.3]), True)],  # c - conv(x)
+        [("Div", np.array([2.0]), False)],
+    ],
+    ids=["spatial constant", "batch constant", "constant minus conv", "div"],
+)
+def test_ops_that_are_not_a_per_channel_affine_map_stay(ops):
+    model = _conv_then(ops, bias=True)
+    rewritten, report = ocs_onnx.compile(model, abits=None, ratio=0.0, stop_after="fold-affine")
+    assert [n.op_type for n in rewritten.graph.node] == ["Conv", ops[0][0], "Relu"]
+    assert report["normalization"]["affine_ops_folded"] == 0
+
+
 def test_weights_held_in_constant_nodes_are_counted_as_parameters():
     model = builders.constant_weights_net(channels=4, out_features=10)
     _, report = ocs_onnx.compile(model, abits=None)

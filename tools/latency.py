@@ -28,12 +28,14 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # the checkout, after
 sys.path.append(str(Path(__file__).resolve().parent))  # tools/, for bench.py's model registry
 
 import ocs_onnx  # noqa: E402
+from ocs_onnx.passes.verify import optimized_op_counts  # noqa: E402
 from bench import ORT_RUNS, fixed_batch, latency_ratios, ort_quantize, registry  # noqa: E402
 
 # (label, compile options): ratio 0 is the baseline OCS is judged against.
 CONFIGS = [
     ("W8A8 ratio 0", dict(ratio=0.0)),
-    ("W8A8 ratio 0.02", dict(ratio=0.02)),
+    ("W8A8 ratio 0.02 (default)", dict(ratio=0.02)),
+    ("W8A8 ratio 0.02, layers only", dict(ratio=0.02, int8_ops=False)),
     ("W8A8 ratio 0.02, copies at run time", dict(ratio=0.02, fold_ocs_copies=False)),
     ("W6A8 ratio 0.02", dict(wbits=6, ratio=0.02)),
 ]
@@ -44,6 +46,21 @@ def _batch(feed: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
     return {name: np.concatenate([array] * -(-size // len(array)))[:size] for name, array in feed.items()}
 
 
+def kernel_counts(path: Path) -> str:
+    """'integer / float' nodes of the graph onnxruntime optimizes the model into: integer kernels
+    (QLinear*, QGemm, MatMulIntegerToFloat, ...), and the float compute nodes left (Q/DQ,
+    layout reorders and shape ops not counted)."""
+    _, ops = optimized_op_counts(str(path))
+    bookkeeping = {"QuantizeLinear", "DequantizeLinear", "ReorderInput", "ReorderOutput", "Shape", "Reshape",
+                   "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"}  # fmt: skip
+    integer = sum(n for op, n in ops.items() if op.startswith("QLinear") or op in INTEGER_KERNELS)
+    float_ops = sum(n for op, n in ops.items() if op not in bookkeeping) - integer
+    return f"{integer} / {float_ops}"
+
+
+INTEGER_KERNELS = {"QGemm", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger", "DynamicQuantizeMatMul"}
+
+
 def measure(name: str, work: Path, rounds: int, metrics: bool) -> list[str]:
     subject = registry()[name](work)
     paths, rows = [Path(subject.model)], []
@@ -51,7 +68,7 @@ def measure(name: str, work: Path, rounds: int, metrics: bool) -> list[str]:
     label, method, weight_type, reduce = ORT_RUNS[0]
     peer = ort_quantize(subject, work, label, method, weight_type, reduce)
     if peer.ok:
-        rows.append([f"onnxruntime quantize_static W8A8 {label}", "-", "-"])
+        rows.append([f"onnxruntime quantize_static W8A8 {label}", "-", "-", kernel_counts(peer.output)])
         paths.append(peer.output)
     else:
         print(f"{subject.name}: onnxruntime quantize_static failed: {peer.error}", file=sys.stderr)
@@ -60,7 +77,7 @@ def measure(name: str, work: Path, rounds: int, metrics: bool) -> list[str]:
         _, report = ocs_onnx.compile_file(subject.model, output, calib_data=subject.calibration, **options)
         totals = report["totals"]
         folded = f"{totals['splits_folded']} of {totals['split_layers']}" if totals["split_layers"] else "-"
-        rows.append([label, folded, f"{100 * totals['weight_overhead']:.2f}"])
+        rows.append([label, folded, f"{100 * totals['weight_overhead']:.2f}", kernel_counts(output)])
         paths.append(output)
     lines = []
     fixed = fixed_batch(subject.model)  # a model whose input fixes its batch size runs at that size
@@ -85,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=30, help="interleaved timing rounds per setting")
     parser.add_argument("--metrics", action="store_true", help="also evaluate each model's task metric")
     args = parser.parse_args(argv)
-    header = "| model | config | splits folded | weight overhead % | " + " | ".join(
+    header = "| model | config | splits folded | weight overhead % | integer / float nodes | " + " | ".join(
         f"latency vs float, {s[0]}" for s in SETTINGS
     )
     header += " | task metric |" if args.metrics else " |"
