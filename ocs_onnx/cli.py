@@ -130,6 +130,12 @@ def _option(*flags: str, field: str, **kwargs):
     "instead of copying them at run time.",
 )
 @_option(
+    "--min-split-gain",
+    field="min_split_gain_db",
+    type=float,
+    help="Keep a layer's OCS splits only when they raise its weight SQNR by at least this many dB (with the guard).",
+)
+@_option(
     "--int8-ops/--layers-only",
     field="int8_ops",
     help="Also quantize the ops onnxruntime runs as integer kernels between the layers (Add, Mul, Concat, pooling, "
@@ -232,6 +238,7 @@ def compile_command(
     split,
     ocs_guard,
     fold_copies,
+    min_split_gain,
     int8_ops,
     int8_error_margin,
     granularity,
@@ -271,6 +278,7 @@ def compile_command(
         split=split,
         ocs_guard=ocs_guard,
         fold_ocs_copies=fold_copies,
+        min_split_gain_db=min_split_gain,
         int8_ops=int8_ops,
         int8_error_margin_db=int8_error_margin,
         granularity=granularity,

@@ -28,6 +28,9 @@ class CompileConfig:
     split: str = "qa"
     # Keep a layer's splits only when they lower its weight quantization error.
     ocs_guard: bool = True
+    # ... and only when they raise its weight SQNR by at least this many dB: every split costs
+    # run time (wider layers at unaligned channel counts, or copies at run time).
+    min_split_gain_db: float = 0.0
     # The copies of a split layer's input channels are computed by the layer that produces the
     # input, with duplicated output rows (ocs_onnx/widening.py), where it can: no copy at run
     # time. False: always a Concat of Slices at run time.
@@ -97,6 +100,9 @@ class CompileConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        gain = self.min_split_gain_db
+        if isinstance(gain, bool) or not isinstance(gain, (int, float)) or not gain >= 0:
+            raise UsageError(f"--min-split-gain must be a non-negative number of dB, got {gain!r}")
         for flag, value in (("--min-kernel-agreement", self.min_kernel_agreement_db),
                             ("--int8-error-margin", self.int8_error_margin_db)):  # fmt: skip
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value != value):

@@ -242,6 +242,7 @@ UNIQUE_NODE_NAMES = Fact("unique-node-names", Binding.NONE, "marker: every node 
 CONSTANT_WEIGHTS = Fact("constant-weights", Binding.NONE, "marker: weights in Constant nodes are initializers")
 OPSET_13 = Fact("opset-13", Binding.NONE, "marker: opset 13 or newer (per-axis DequantizeLinear)")
 BATCHNORMS_FOLDED = Fact("batchnorms-folded", Binding.NONE, "marker: BatchNorms after Convs are folded")
+HARDSWISH_FUSED = Fact("hardswish-fused", Binding.NONE, "marker: spelled-out HardSwish is one op")
 AFFINE_FOLDED = Fact("affine-folded", Binding.NONE, "marker: constant Add/Sub/Mul after Convs are folded")
 TENSOR_TYPES = Fact("tensor-types", Binding.NONE, "marker: tensors carry inferred types and shapes")
 LINEAR_CANONICAL = Fact("linear-canonical", Binding.NONE, "marker: 2-D MatMul + Add are Gemms, alpha/beta folded")

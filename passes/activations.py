@@ -29,7 +29,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ocs_onnx.context import CompileContext
-from ocs_onnx.facts import ACTIVATION_PLAN, LAYERS, TENSOR_TYPES, ActivationPlan, Layer
+from ocs_onnx.facts import ACTIVATION_PLAN, HARDSWISH_FUSED, LAYERS, TENSOR_TYPES, ActivationPlan, Layer
 from ocs_onnx.pass_manager import compiler_pass
 from ocs_onnx.placement import Placement, passes_through, place_integer_ops
 
@@ -74,7 +74,7 @@ def _resolve_sources(planned: dict[str, str], tensors: dict[str, gs.Tensor], thr
         planned[name] = source(name)
 
 
-@compiler_pass("plan-activations", requires=(LAYERS, TENSOR_TYPES), produces=(ACTIVATION_PLAN,))
+@compiler_pass("plan-activations", requires=(LAYERS, TENSOR_TYPES, HARDSWISH_FUSED), produces=(ACTIVATION_PLAN,))
 def plan_activations(graph: gs.Graph, ctx: CompileContext) -> None:
     """Which activations get QuantizeLinear/DequantizeLinear pairs (layer inputs, Conv outputs,
     and with `--int8-ops` the ops onnxruntime runs as integer kernels between them); with

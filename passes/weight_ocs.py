@@ -14,9 +14,10 @@ duplicate the same channels share one widening.
 
 A layer keeps its splits only if they lower its weight quantization error (the squared error of
 the weight the quantized layer effectively applies, at the configured bits, granularity and clip
-method): where the largest weights of a layer are all about the same size, halving one channel
-barely moves the grid and only adds rounding, and the extra channels would cost for nothing.
-``--no-ocs-guard`` splits regardless, as the paper does.
+method), by at least ``--min-split-gain`` dB of weight SQNR: where the largest weights of a layer
+are all about the same size, halving one channel barely moves the grid and only adds rounding,
+and the extra channels cost run time for nothing. ``--no-ocs-guard`` splits regardless, as the
+paper does.
 
 This pass writes the *naive* halves; the quantization-aware offsets (paper eq. 6) need the final
 scale and are applied by ``qa-split`` once ``clip-weights`` has chosen it.
@@ -100,8 +101,15 @@ def _plan_splits(layer: Layer, weight: gs.Constant, ctx: CompileContext) -> _Pla
     if splits and ctx.config.ocs_guard:
         with_ocs = quantization_error(layer, w, splits, ctx.config)
         without = quantization_error(layer, w, [], ctx.config)
+        gain_db = 10 * np.log10(without / with_ocs) if with_ocs > 0 and without > 0 else None
         if not with_ocs < without:
             reason = "splitting did not lower this layer's weight quantization error"
+            splits = []
+        elif gain_db is not None and gain_db < ctx.config.min_split_gain_db:
+            reason = (
+                f"splitting raised this layer's weight SQNR by {gain_db:.2f} dB only, less than "
+                f"--min-split-gain {ctx.config.min_split_gain_db:g} (the copies cost run time)"
+            )
             splits = []
     ctx.done_with(w)
     return _Plan(layer, weight, splits, channel_origins(channels, splits), reason)

@@ -268,6 +268,43 @@ def test_ops_that_are_not_a_per_channel_affine_map_stay(ops):
     assert report["normalization"]["affine_ops_folded"] == 0
 
 
+def _spelled_out_hardswish(opset: int, divisor: float = 6.0) -> onnx.ModelProto:
+    """x -> Conv -> h * Clip(h + 3, 0, 6) / divisor -> y, as paddle2onnx writes HardSwish."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+    consts = {"W": rng.normal(size=(6, 3, 3, 3)), "three": 3.0, "zero": 0.0, "six": 6.0, "divisor": divisor}
+    inits = [numpy_helper.from_array(np.asarray(v, dtype=np.float32), k) for k, v in consts.items()]
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["h"], pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["h", "three"], ["shifted"]),
+        helper.make_node("Clip", ["shifted", "zero", "six"], ["clipped"]),
+        helper.make_node("Mul", ["h", "clipped"], ["product"]),
+        helper.make_node("Div", ["product", "divisor"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 8, 8])], inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize("opset, ops", [(14, ["Conv", "HardSwish"]), (13, ["Conv", "HardSigmoid", "Mul"])])
+def test_a_spelled_out_hardswish_becomes_one_op_and_computes_the_same_function(opset, ops):
+    model = _spelled_out_hardswish(opset)
+    rewritten, report = ocs_onnx.compile(model, abits=None, ratio=0.0, stop_after="fuse-hardswish")
+    assert [n.op_type for n in rewritten.graph.node] == ops
+    assert report["normalization"]["hardswish_fused"] == 1
+    feed = {"x": np.random.default_rng(6).normal(size=(2, 3, 8, 8)).astype(np.float32) * 3}
+    assert max_relative_error(run_model(model, feed)[0], run_model(rewritten, feed)[0]) < 1e-6
+
+
+def test_a_near_hardswish_with_another_divisor_is_left_alone():
+    rewritten, report = ocs_onnx.compile(_spelled_out_hardswish(14, divisor=5.0), abits=None, stop_after="fuse-hardswish")
+    assert [n.op_type for n in rewritten.graph.node] == ["Conv", "Add", "Clip", "Mul", "Div"]
+    assert report["normalization"]["hardswish_fused"] == 0
+
+
 def test_weights_held_in_constant_nodes_are_counted_as_parameters():
     model = builders.constant_weights_net(channels=4, out_features=10)
     _, report = ocs_onnx.compile(model, abits=None)

@@ -150,7 +150,7 @@ def test_list_passes_prints_every_pass_with_its_contract(capsys):
     assert cli.main(["compile", "--list-passes"]) == 0
     out = capsys.readouterr().out
     assert out.rstrip("\n") == describe_passes(DEFAULT_PASSES)
-    assert "plan-activations" in out and "requires layers, tensor-types; produces activation-plan" in out
+    assert "plan-activations" in out and "requires layers, tensor-types, hardswish-fused; produces activation-plan" in out
 
 
 def test_the_readme_pipeline_table_is_generated_from_the_declarations():
