@@ -88,6 +88,8 @@ class ActivationPlan:
     placed: tuple[str, ...] = ()
     constants: dict[str, tuple[str, ...]] = field(default_factory=dict)
     integer_ops: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
+    # groups of tensors that share one set of parameters, from the union of their statistics
+    shared: tuple[tuple[str, ...], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,22 @@ class SymmetricHistogram:
         return int(self.counts.sum())
 
 
+def merged_histogram(histograms: list[SymmetricHistogram]) -> SymmetricHistogram:
+    """One histogram of the values of several tensors (the union a shared scale must cover), on
+    the widest one's range: the others' bins are moved to the bins their centres fall in (exact
+    when the ranges differ by powers of 2, within a bin otherwise)."""
+    bins = histograms[0].bins
+    merged = SymmetricHistogram(bins)
+    merged.limit = max(h.limit for h in histograms)
+    for h in histograms:
+        if h.limit == merged.limit or h.limit == 0.0:
+            merged.counts += h.counts
+            continue
+        centres = (np.arange(h.bins) + 0.5) / h.bins * 2 * h.limit - h.limit
+        np.add.at(merged.counts, _bin_index(centres, merged.limit, bins), h.counts)
+    return merged
+
+
 class ChannelHistograms:
     """One histogram per channel of a tensor, on a shared range that grows like
     ``SymmetricHistogram``'s. Activation OCS reads it twice: to find the channels that hold the

@@ -77,6 +77,9 @@ class Placement:
     tensors: dict[str, str] = field(default_factory=dict)
     constants: dict[str, list[str]] = field(default_factory=dict)
     integer_ops: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
+    # tensors that must share one scale and zero point: a Concat's inputs and output (with one
+    # scale QLinearConcat copies bytes; with several it requantizes every input)
+    shared: list[tuple[str, ...]] = field(default_factory=list)
 
 
 def _is_float(t: gs.Tensor) -> bool:
@@ -200,6 +203,8 @@ def place_integer_ops(graph: gs.Graph, planned: dict[str, str]) -> Placement:
             placement.constants.setdefault(c.name, []).append(node.name)
         add(out, out.name)  # unless a layer quantizes it already
         placement.integer_ops[node.name] = (op.kernel, tuple(t.name for t in activations) + (out.name,))
+        if node.op == "Concat":
+            placement.shared.append(tuple(t.name for t in activations) + (out.name,))
     return placement
 
 

@@ -108,6 +108,7 @@ def plan_activations(graph: gs.Graph, ctx: CompileContext) -> None:
         placed=tuple(placement.tensors),
         constants={name: tuple(nodes) for name, nodes in placement.constants.items()},
         integer_ops=placement.integer_ops,
+        shared=tuple(placement.shared),
     )
 
 

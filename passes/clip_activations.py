@@ -33,7 +33,7 @@ from ocs_onnx.facts import (
     activations_to_quantize,
     observed,
 )
-from ocs_onnx.histogram import SymmetricHistogram
+from ocs_onnx.histogram import SymmetricHistogram, merged_histogram
 from ocs_onnx.pass_manager import compiler_pass
 from ocs_onnx.placement import keep_float_reason, median
 from ocs_onnx.quant import (
@@ -69,6 +69,47 @@ def activation_threshold(histogram: SymmetricHistogram, lo: float, config: Compi
             return kl_threshold(counts, edges, bits, unsigned=True)
         return kl_threshold(counts, edges, bits)
     return percentile_threshold_histogram(counts, edges, config.percentile)
+
+
+def _clip(sources: list[str], value_range, histogram, clipping: ActivationClipping, config) -> None:
+    """The clipped range (and threshold, and estimated SQNR) that ``sources`` get, from their
+    range and histogram."""
+    lo, hi = value_range
+    alpha = None
+    if config.aclip != "none" and histogram is not None and histogram.limit > 0:
+        alpha = activation_threshold(histogram, lo, config)
+        if alpha > 0:
+            lo, hi = max(lo, -alpha), min(hi, alpha)
+    qp = activation_qparams(lo, hi, config.abits, config.activation_type)
+    sqnr = None
+    if histogram is not None and histogram.limit > 0:
+        sqnr = histogram_sqnr_db(histogram.counts, histogram.edges, qp, config.abits)
+    for source in sources:
+        if alpha is not None:
+            clipping.thresholds[source] = alpha
+        clipping.clipped_ranges[source] = (lo, hi)
+        if sqnr is not None:
+            clipping.sqnr_db[source] = sqnr
+
+
+def _shared_sources(plan, tensors: dict[str, str], kept_float: dict[str, str]) -> list[list[str]]:
+    """The statistics sources that must share parameters (``plan.shared``, joined where groups
+    overlap), without those kept float."""
+    parent: dict[str, str] = {}
+
+    def root(source: str) -> str:
+        while parent.setdefault(source, source) != source:
+            source = parent[source]
+        return source
+
+    for group in plan.shared:
+        sources = [tensors[t] for t in group if t in tensors and tensors[t] not in kept_float]
+        for source in sources[1:]:
+            parent[root(source)] = root(sources[0])
+    groups: dict[str, list[str]] = {}
+    for source in list(parent):
+        groups.setdefault(root(source), []).append(source)
+    return [members for members in groups.values() if len(members) > 1]
 
 
 def _kept_float(plan, tensors, statistics, splits, clipping: ActivationClipping, config) -> dict[str, str]:
@@ -112,18 +153,14 @@ def clip_activations(graph: gs.Graph, ctx: CompileContext) -> None:
         splits, statistics = ctx.facts[ACTIVATION_SPLITS], ctx.facts[ACTIVATION_STATISTICS]
         tensors = activations_to_quantize(ctx.facts[ACTIVATION_PLAN], splits, ctx.facts[WEIGHT_SPLITS])
         for source in dict.fromkeys(tensors.values()):
-            (lo, hi), histogram = observed(source, statistics, splits)
-            if config.aclip != "none" and histogram is not None and histogram.limit > 0:
-                alpha = activation_threshold(histogram, lo, config)
-                clipping.thresholds[source] = alpha
-                if alpha > 0:
-                    lo, hi = max(lo, -alpha), min(hi, alpha)
-            clipping.clipped_ranges[source] = (lo, hi)
-            qp = activation_qparams(lo, hi, config.abits, config.activation_type)
-            if histogram is not None and histogram.limit > 0:
-                clipping.sqnr_db[source] = histogram_sqnr_db(histogram.counts, histogram.edges, qp, config.abits)
+            _clip([source], *observed(source, statistics, splits), clipping, config)
         plan = ctx.facts[ACTIVATION_PLAN]
         clipping.kept_float.update(_kept_float(plan, tensors, statistics, splits, clipping, config))
+        for group in _shared_sources(plan, tensors, clipping.kept_float):
+            observations = [observed(source, statistics, splits) for source in group]
+            union = (min(lo for (lo, _), _ in observations), max(hi for (_, hi), _ in observations))
+            histograms = [h for _, h in observations if h is not None]
+            _clip(group, union, merged_histogram(histograms) if histograms else None, clipping, config)
         for name, source in tensors.items():
             if source in clipping.kept_float:
                 continue

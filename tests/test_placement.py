@@ -239,3 +239,15 @@ def test_int8_placement_never_changes_the_layers_own_quantization():
         assert with_ops["activations"][name]["scale"] == entry["scale"]
     assert [layer["scale"] for layer in with_ops["layers"]] == [layer["scale"] for layer in layers_only["layers"]]
     assert Counter(with_ops["integer_ops"].values()) == Counter({"QLinearAdd": 1})
+
+
+def test_a_concats_inputs_and_output_share_one_scale_that_covers_them_all():
+    model = concat_of_two_branches()  # t2 and t3: the two branches' Conv outputs; t4: the Concat
+    _, report, ops = _compile(model, ratio=0.0)
+    entries = report["activations"]
+    assert len({entries[t]["scale"] for t in ("t2", "t3", "t4")}) == 1 and ops["QLinearConcat"] == 1
+    # unclipped, the scale spans the union of the branches' ranges (a uint8 grid over [lo, hi])
+    _, report, _ = _compile(model, ratio=0.0, aclip="none")
+    ranges = [report["activations"][t]["range"] for t in ("t2", "t3")]
+    lo, hi = min(0.0, *(r[0] for r in ranges)), max(0.0, *(r[1] for r in ranges))
+    assert report["activations"]["t4"]["scale"] == pytest.approx((hi - lo) / 255, rel=1e-5)
