@@ -52,6 +52,20 @@ class NumberOrNone(click.ParamType):
             self.fail(f"{value!r} is not a number or 'none'", param, ctx)
 
 
+class NumberOrAuto(click.ParamType):
+    name = "DB|auto"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, float):
+            return value
+        if isinstance(value, str) and value.lower() == "auto":
+            return None
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number or 'auto'", param, ctx)
+
+
 class _MessageFormatter(logging.Formatter):
     """Plain text for information; 'ocs-onnx: warning: ...' for anything that needs attention."""
 
@@ -129,11 +143,13 @@ def _option(*flags: str, field: str, **kwargs):
     help="Compute the copies of split channels in the layer producing them (duplicated output rows) where it can, "
     "instead of copying them at run time.",
 )
-@_option(
+@click.option(
     "--min-split-gain",
-    field="min_split_gain_db",
-    type=float,
-    help="Keep a layer's OCS splits only when they raise its weight SQNR by at least this many dB (with the guard).",
+    type=NumberOrAuto(),
+    default="auto",
+    show_default=True,
+    help="Keep a layer's OCS splits only when they raise its weight SQNR by at least this many dB (with the guard); "
+    "'auto' is 1 for weights of 6 bits and more, 0 below.",
 )
 @_option(
     "--int8-ops/--layers-only",

@@ -105,10 +105,10 @@ def _plan_splits(layer: Layer, weight: gs.Constant, ctx: CompileContext) -> _Pla
         if not with_ocs < without:
             reason = "splitting did not lower this layer's weight quantization error"
             splits = []
-        elif gain_db is not None and gain_db < ctx.config.min_split_gain_db:
+        elif gain_db is not None and gain_db < ctx.config.split_gain_db:
             reason = (
                 f"splitting raised this layer's weight SQNR by {gain_db:.2f} dB only, less than "
-                f"--min-split-gain {ctx.config.min_split_gain_db:g} (the copies cost run time)"
+                f"--min-split-gain {ctx.config.split_gain_db:g} dB (the copies cost run time)"
             )
             splits = []
     ctx.done_with(w)

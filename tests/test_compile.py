@@ -105,8 +105,38 @@ def test_weight_overhead_stays_within_ratio_plus_one_percent_with_copies_made_at
         builders.mlp_gemm(sizes=(128, 256, 256, 10)),
         builders.transformer_block(d_model=128, d_ff=256),
     ):
-        _, report = ocs_onnx.compile(model, wbits=6, abits=None, ratio=ratio, verify=False, fold_ocs_copies=False)
+        _, report = ocs_onnx.compile(
+            model, wbits=6, abits=None, ratio=ratio, verify=False, fold_ocs_copies=False, min_split_gain_db=0.0
+        )
         assert 0 < report["totals"]["weight_overhead"] <= ratio + 0.01
+
+
+def test_splits_that_gain_less_than_the_minimum_are_dropped_and_auto_keeps_them_below_6_bits():
+    model = builders.conv_bn_residual_net(channels=32)
+
+    def gains(**options) -> dict[str, float | None]:
+        _, report = ocs_onnx.compile(model, abits=None, ratio=0.05, verify=False, **options)
+        return {layer["name"]: layer for layer in report["layers"]}
+
+    every = gains(wbits=6, min_split_gain_db=0.0)
+    split = {name: e["sqnr_db"]["with_ocs"] - e["sqnr_db"]["without_ocs"] for name, e in every.items() if e["split"]}
+    threshold = sorted(split.values())[len(split) // 2]  # keeps about half
+    kept = gains(wbits=6, min_split_gain_db=threshold)
+    for name, gain in split.items():
+        assert bool(kept[name]["split"]) == (gain >= threshold - 1e-9), name
+        if not kept[name]["split"]:
+            assert "less than --min-split-gain" in kept[name]["not_split_reason"]
+
+
+def test_the_automatic_minimum_split_gain_is_1_db_at_6_bits_and_more_and_0_below():
+    def split_layers(**options) -> set[str]:
+        _, report = ocs_onnx.compile(str(digits.MODEL), abits=None, ratio=0.02, verify=False, **options)
+        return {layer["name"] for layer in report["layers"] if layer["split"]}
+
+    for bits in (8, 6):
+        assert split_layers(wbits=bits) == split_layers(wbits=bits, min_split_gain_db=1.0)
+        assert split_layers(wbits=bits) < split_layers(wbits=bits, min_split_gain_db=0.0)  # the demo has small gains
+    assert split_layers(wbits=5) == split_layers(wbits=5, min_split_gain_db=0.0)
 
 
 def test_copies_computed_by_the_producer_count_its_extra_rows_in_the_overhead():
