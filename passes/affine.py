@@ -1,5 +1,6 @@
 """fold-affine: a Mul or Add by a constant right after a Conv folds into the Conv's weights and
-bias, so that the Conv and its integer kernel compute it.
+bias, so that the Conv and its integer kernel compute it; so does a scale (and, for a Conv
+without padding, a shift) right before one.
 
 paddle2onnx exports a Conv's bias as a separate ``Add(conv, Reshape(bias))``, and PP-LCNet-style
 models put learnable affine blocks (a scalar scale and shift) after Convs. onnxruntime fuses such
@@ -9,7 +10,11 @@ would run as a float op between two integer kernels (52 of them in PP-OCRv5's de
     conv(x, W) * m + a = conv(x, W * m) + (b * m + a)      m, a: a scalar or one value per output channel
 
 Sub by a constant is an Add of its negation. Div is left alone: multiplying by 1/d rounds
-differently.
+differently. Before a Conv (an affine block after an activation):
+
+    conv(h * c, W) = conv(h, W * c)                  zero padding stays zero
+    conv(x + b, W) = conv(x, W) + sum(W * b)         only without padding (a padded border stays 0, not b)
+    h * c + b      = (h + b / c) * c                 with padding: the scale folds, the Add stays
 """
 
 from __future__ import annotations
@@ -79,10 +84,92 @@ def _fold_one(conv: gs.Node, graph_outputs: set[str], ctx: CompileContext) -> bo
     return True
 
 
+def input_channels(w_shape: tuple[int, ...], group: int) -> np.ndarray:
+    """[C_out, C_in / group]: the input channel that weight ``w[o, j]`` multiplies."""
+    out_channels, per_group = w_shape[0], w_shape[1]
+    group_of = np.arange(out_channels) // (out_channels // group)
+    return group_of[:, None] * per_group + np.arange(per_group)[None, :]
+
+
+def _unpadded(conv: gs.Node) -> bool:
+    """Zero padding would not be shifted by an Add before the Conv: only without padding."""
+    pads = conv.attrs.get("pads", [])
+    return conv.attrs.get("auto_pad", "NOTSET") in ("NOTSET", "VALID") and not any(pads)
+
+
+def _reader_constant(node: gs.Node, x: gs.Tensor, op: str, graph_outputs: set[str]):
+    """(data input, constant) when ``node`` is ``op`` of one activation and one constant and its
+    output ``x`` is read by one node only."""
+    if node.op != op or node.domain not in (None, "", "ai.onnx") or len(node.inputs) != 2:
+        return None
+    if len(x.outputs) != 1 or x.name in graph_outputs:
+        return None
+    data = [t for t in node.inputs if not isinstance(t, gs.Constant)]
+    constants = [t for t in node.inputs if isinstance(t, gs.Constant)]
+    if len(data) != 1 or len(constants) != 1:
+        return None
+    return data[0], constants[0]
+
+
+def _fold_into_reader(conv: gs.Node, graph_outputs: set[str], ctx: CompileContext) -> int:
+    """A Conv's input ``h * c (+ b)`` (PP-LCNet's affine block after an activation) folds into
+    the Conv: ``conv(h * c, W) = conv(h, W * c)`` always (zero padding stays zero), and
+    ``conv(x + b, W) = conv(x, W) + sum(W * b)`` only without padding. With padding,
+    ``h * c + b`` becomes ``(h + b / c) * c`` and the scale still folds: one float op instead of
+    two. Returns the number of ops folded."""
+    w = conv.inputs[1].values
+    if w.dtype != np.float32 or w.ndim < 3 or len(conv.inputs[0].inputs) != 1:
+        return 0
+    b = conv.inputs[2].values if len(conv.inputs) > 2 else np.zeros(w.shape[0], w.dtype)
+    if b.shape != (w.shape[0],):
+        return 0
+    group = int(conv.attrs.get("group", 1))
+    in_channels = w.shape[1] * group
+    # the per-input-channel value of each weight w[o, j], as an array shaped like w
+    channels = input_channels(w.shape, group)
+
+    def per_weight(values: np.ndarray) -> np.ndarray:
+        return values[channels].reshape(channels.shape + (1,) * (w.ndim - 2))
+
+    def constant_op(t: gs.Tensor, op: str):
+        found = _reader_constant(t.inputs[0], t, op, graph_outputs) if len(t.inputs) == 1 else None
+        if found is None:
+            return None
+        values = per_channel_values(np.asarray(found[1].values), in_channels, w.ndim)
+        return (t.inputs[0], found[0], values) if values is not None and np.isfinite(values).all() else None
+
+    x = conv.inputs[0]
+    add = constant_op(x, "Add")
+    mul = constant_op(add[1] if add is not None else x, "Mul")
+    w64, b64, folded = w.astype(np.float64), b.astype(np.float64), 0
+    if add is not None and _unpadded(conv):
+        b64 = b64 + (w64 * per_weight(add[2])).reshape(w.shape[0], -1).sum(1)
+        conv.inputs[0] = add[1]
+        add, folded = None, 1
+    if mul is not None and (add is None or np.all(mul[2] != 0)):
+        mul_node, h, scale = mul
+        if add is None:
+            conv.inputs[0] = h
+        else:  # padded: h * c + b = (h + b / c) * c; the Add stays, in front of the Conv
+            add_node, _, shift = add
+            shape = (1, in_channels) + (1,) * (w.ndim - 2)
+            add_node.inputs = [h, gs.Constant(ctx.unique_name(f"{add_node.name}_shift"), (shift / scale).astype(np.float32).reshape(shape))]
+        w64 = w64 * per_weight(scale)
+        folded += 1
+    if folded:
+        conv.inputs[1] = gs.Constant(ctx.unique_name(conv.inputs[1].name + "_affine"), w64.astype(w.dtype))
+        bias = gs.Constant(ctx.unique_name(f"{conv.name}_bias_affine"), b64.astype(w.dtype))
+        if len(conv.inputs) > 2:
+            conv.inputs[2] = bias
+        else:
+            conv.inputs.append(bias)
+    return folded
+
+
 @compiler_pass("fold-affine", requires=(CONSTANT_WEIGHTS, BATCHNORMS_FOLDED), produces=(AFFINE_FOLDED,),
                effect=GraphEffect.REWRITES)
 def fold_affine(graph: gs.Graph, ctx: CompileContext) -> None:
-    """Add, Sub and Mul by a per-channel or scalar constant after a Conv fold into its weights and bias."""
+    """Constant Add/Sub/Mul after a Conv, and a constant scale (and shift, unpadded) before one, fold into it."""
     graph_outputs = {t.name for t in graph.outputs}
     folded = 0
     for conv in list(graph.nodes):
@@ -92,6 +179,11 @@ def fold_affine(graph: gs.Graph, ctx: CompileContext) -> None:
             continue
         while _fold_one(conv, graph_outputs, ctx):  # a bias Add, then a scale, then a shift
             folded += 1
+    for conv in list(graph.nodes):
+        if conv.op == "Conv" and isinstance(conv.inputs[1], gs.Constant) and (
+            len(conv.inputs) < 3 or isinstance(conv.inputs[2], gs.Constant)
+        ):
+            folded += _fold_into_reader(conv, graph_outputs, ctx)
     graph.cleanup()
     ctx.count(affine_ops_folded=folded)
     ctx.facts[AFFINE_FOLDED] = True

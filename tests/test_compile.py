@@ -281,6 +281,51 @@ def test_constant_affine_ops_after_a_conv_fold_into_it_and_compute_the_same_func
     assert max_relative_error(run_model(model, feed)[0], run_model(rewritten, feed)[0]) < 1e-6
 
 
+def _affine_then_conv(kernel: int, group: int, scale, shift) -> onnx.ModelProto:
+    """x -> Relu -> * scale -> + shift -> Conv (kernel, group; padded when kernel > 1) -> y."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(8)
+    inits = [
+        numpy_helper.from_array(rng.normal(size=(8, 8 // group, kernel, kernel)).astype(np.float32), "W"),
+        numpy_helper.from_array(rng.normal(size=8).astype(np.float32), "B"),
+        numpy_helper.from_array(np.asarray(scale, np.float32), "scale"),
+        numpy_helper.from_array(np.asarray(shift, np.float32), "shift"),
+    ]
+    nodes = [
+        helper.make_node("Relu", ["x"], ["h"]),
+        helper.make_node("Mul", ["h", "scale"], ["scaled"]),
+        helper.make_node("Add", ["shift", "scaled"], ["shifted"]),
+        helper.make_node("Conv", ["shifted", "W", "B"], ["y"], pads=[kernel // 2] * 4, group=group),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 6, 6])], inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize(
+    "kernel, group, ops",
+    [
+        (1, 1, ["Relu", "Conv"]),  # no padding: scale and shift both fold
+        (3, 1, ["Relu", "Add", "Conv"]),  # padded: the shift stays (as b / c), the scale folds
+        (3, 8, ["Relu", "Add", "Conv"]),  # a padded depthwise Conv
+    ],
+    ids=["1x1 Conv", "padded 3x3 Conv", "padded depthwise Conv"],
+)
+@pytest.mark.parametrize("per_channel", [False, True], ids=["scalar", "per channel"])
+def test_a_scale_and_shift_before_a_conv_fold_into_it_where_exact(kernel, group, ops, per_channel):
+    scale = np.linspace(0.5, 1.5, 8).reshape(1, 8, 1, 1) if per_channel else np.array([0.8])
+    shift = np.linspace(-0.3, 0.4, 8).reshape(8, 1, 1) if per_channel else np.array(0.25)
+    model = _affine_then_conv(kernel, group, scale, shift)
+    rewritten, report = ocs_onnx.compile(model, abits=None, ratio=0.0, stop_after="fold-affine")
+    assert [n.op_type for n in rewritten.graph.node] == ops
+    assert report["normalization"]["affine_ops_folded"] == 4 - len(ops)
+    feed = {"x": np.random.default_rng(9).normal(size=(2, 8, 6, 6)).astype(np.float32)}
+    assert max_relative_error(run_model(model, feed)[0], run_model(rewritten, feed)[0]) < 1e-5
+
+
 @pytest.mark.parametrize(
     "ops",
     [
