@@ -84,6 +84,10 @@ def _fold_one(conv: gs.Node, graph_outputs: set[str], ctx: CompileContext) -> bo
     return True
 
 
+def _valid_group(w_shape: tuple[int, ...], group: int) -> bool:
+    return group >= 1 and w_shape[0] % group == 0 and w_shape[0] >= group
+
+
 def input_channels(w_shape: tuple[int, ...], group: int) -> np.ndarray:
     """[C_out, C_in / group]: the input channel that weight ``w[o, j]`` multiplies."""
     out_channels, per_group = w_shape[0], w_shape[1]
@@ -123,7 +127,9 @@ def _fold_into_reader(conv: gs.Node, graph_outputs: set[str], ctx: CompileContex
     b = conv.inputs[2].values if len(conv.inputs) > 2 else np.zeros(w.shape[0], w.dtype)
     if b.shape != (w.shape[0],):
         return 0
-    group = int(conv.attrs.get("group", 1))
+    group = conv.attrs.get("group", 1)
+    if not isinstance(group, int) or not _valid_group(w.shape, group):
+        return 0  # an invalid Conv: onnxruntime says so when it loads the model
     in_channels = w.shape[1] * group
     # the per-input-channel value of each weight w[o, j], as an array shaped like w
     channels = input_channels(w.shape, group)

@@ -649,3 +649,14 @@ def test_kl_on_relu_activations_keeps_the_demo_output():
     # to no clipping (34 dB).
     _, report = ocs_onnx.compile(str(digits.MODEL), calib_data=digits.CALIBRATION, aclip="kl", ratio=0.0)
     assert report["onnxruntime"]["output_sqnr_db"]["logits"] > 28.0
+
+
+def test_a_conv_with_an_impossible_group_count_is_an_invalid_model_not_an_internal_error(tmp_path, capsys):
+    from ocs_onnx.cli import main
+
+    model = _affine_then_conv(1, 1, np.array([0.8]), np.array(0.25))
+    next(a for a in model.graph.node[-1].attribute if a.name == "group").i = 0
+    path = tmp_path / "model.onnx"
+    onnx.save(model, str(path))
+    code = main(["compile", str(path), "-q", "--abits", "none"])
+    assert code == 3, capsys.readouterr().err
