@@ -53,12 +53,15 @@ def _output_to_quantize(node: gs.Node, graph_outputs: set[str]) -> gs.Tensor:
     return out
 
 
-def _resolve_sources(planned: dict[str, str], tensors: dict[str, gs.Tensor], through_region: bool = False) -> None:
+def _resolve_sources(
+    planned: dict[str, str], tensors: dict[str, gs.Tensor], through_region: bool = False, placed: frozenset = frozenset()
+) -> None:
     """Points every planned tensor at the tensor whose parameters it must share.
 
     Behind a data-movement op whose input is quantized anyway, a tensor holds a subset of that
     input's values: it takes the same parameters, so that onnxruntime drops the pair around the
-    op and moves 8-bit data.
+    op and moves 8-bit data. A layer's own tensor never takes the parameters of a ``placed``
+    one: calibration may keep those float, and the layer's input must stay quantized.
     """
 
     def source(name: str) -> str:
@@ -71,7 +74,10 @@ def _resolve_sources(planned: dict[str, str], tensors: dict[str, gs.Tensor], thr
         return name
 
     for name in list(planned):
-        planned[name] = source(name)
+        resolved = source(name)
+        if resolved in placed and name not in placed:
+            continue
+        planned[name] = resolved
 
 
 @compiler_pass("plan-activations", requires=(LAYERS, TENSOR_TYPES, HARDSWISH_FUSED), produces=(ACTIVATION_PLAN,))
@@ -100,7 +106,7 @@ def plan_activations(graph: gs.Graph, ctx: CompileContext) -> None:
         # after the layers' own tensors, in graph order: the order the pairs are inserted in
         planned.update(placement.tensors)
         # a layer input behind a data-movement op that the region quantizes shares its parameters
-        _resolve_sources(planned, graph.tensors(), through_region=True)
+        _resolve_sources(planned, graph.tensors(), through_region=True, placed=frozenset(placement.tensors))
     candidates = _split_candidates(layers, planned, graph_outputs) if ctx.config.act_ratio > 0 else {}
     ctx.facts[ACTIVATION_PLAN] = ActivationPlan(
         planned,

@@ -251,3 +251,14 @@ def test_a_concats_inputs_and_output_share_one_scale_that_covers_them_all():
     ranges = [report["activations"][t]["range"] for t in ("t2", "t3")]
     lo, hi = min(0.0, *(r[0] for r in ranges)), max(0.0, *(r[1] for r in ranges))
     assert report["activations"]["t4"]["scale"] == pytest.approx((hi - lo) / 255, rel=1e-5)
+
+
+def test_a_layer_input_stays_quantized_when_the_placed_tensor_before_it_is_kept_float():
+    net = Net()
+    gate = net.op("Sigmoid", [net.conv("x", 3, 8)])  # placed: QLinearSigmoid
+    pooled = net.op("MaxPool", [gate], kernel_shape=[2, 2], strides=[2, 2])  # the head Conv's input
+    net.conv(pooled, 8, 4, kernel=1)
+    model = net.model(net.nodes[-1].output[0], ["N", 4, 8, 8])
+    _, report, _ = _compile(model, ratio=0.0, int8_error_margin_db=-100.0)  # every placed tensor kept float
+    assert "t1" in report["kept_float_activations"]
+    assert pooled in report["activations"] and report["onnxruntime"]["integer_kernels"] == 2
