@@ -28,6 +28,11 @@ def watch(path: str | os.PathLike, size: int) -> None:
     _watched[os.fspath(path)] = size
 
 
+def forget() -> None:
+    """Drops the files recorded by an earlier compile (a process may run several)."""
+    _watched.clear()
+
+
 def shrunk_files() -> list[str]:
     """What changed in the mapped files, one phrase per file that shrank or is gone."""
     shrunk = []

@@ -347,6 +347,7 @@ def _signals_unwind():
         yield
         return
     bus_error.install()  # a data file truncated under the compile: exit 3, not a bare SIGBUS
+    bus_error.forget()
     Publication.done = False
     previous = {s: signal.signal(s, _raise_signalled) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -76,7 +76,10 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> ModelSource:
     bad_text = _undecodable_text(model)
     if bad_text is not None:
         raise InvalidModelError(f"{where}: {bad_text}")
-    _densify_sparse_weights(model, where)
+    if len(model.graph.sparse_initializer) or _has_sparse_constants(model):
+        if isinstance(source, onnx.ModelProto):  # the caller's model is never modified
+            model = onnx.ModelProto.FromString(model.SerializeToString())
+        _densify_sparse_weights(model, where)
     refs = check_external_tensors(model, path.parent, where) if path is not None else []
     external = map_external_data(model, refs) if refs else MappedData()
     arrays = dict(external.arrays)
@@ -119,6 +122,12 @@ def _densify_sparse_weights(model: onnx.ModelProto, where: str) -> None:
                 break
 
 
+def _has_sparse_constants(model: onnx.ModelProto) -> bool:
+    return any(
+        a.name == "sparse_value" for n in model.graph.node if n.op_type == "Constant" for a in n.attribute
+    )
+
+
 def _dense(sparse: onnx.SparseTensorProto, where: str, what: str) -> onnx.TensorProto:
     dims = tuple(int(d) for d in sparse.dims)
     if uses_external_data(sparse.values) or uses_external_data(sparse.indices):
@@ -132,8 +141,13 @@ def _dense(sparse: onnx.SparseTensorProto, where: str, what: str) -> onnx.Tensor
                 f"{where}: {what} would take {nbytes:,} bytes dense, more than the {MAX_DENSIFIED_BYTES:,} "
                 "ocs-onnx makes of a sparse weight"
             )
+        size = int(np.prod(dims, dtype=np.int64))
         flat = indices if indices.ndim == 1 else np.ravel_multi_index(tuple(indices.T), dims)
-        dense = np.zeros(int(np.prod(dims, dtype=np.int64)), dtype=values.dtype)
+        # ONNX: indices in range and strictly increasing (each position once); numpy would wrap
+        # a negative one around and take a repeated one silently
+        if flat.size != values.size or (flat.size and (flat.min() < 0 or flat.max() >= size or np.any(np.diff(flat) <= 0))):
+            raise ValueError("indices out of range, repeated or not in increasing order")
+        dense = np.zeros(size, dtype=values.dtype)
         dense[flat] = values
     except (ValueError, IndexError, KeyError, TypeError) as exc:
         raise InvalidModelError(f"{where}: {what} holds indices or values that do not fit its dims {list(dims)} "

@@ -30,9 +30,10 @@ DEFAULT_PASSES = [
     names.name_nodes,
     constants.constants_to_initializers,
     batchnorm.fold_batchnorm,
-    affine.fold_affine,
     hardswish.fuse_hardswish,
     shapes.infer_shapes,
+    # after shape inference: a constant that broadcasts a Conv's input to its channels does not fold
+    affine.fold_affine,
     linear.canonicalize_linear,
     select.select_layers,
     activations.plan_activations,

@@ -23,7 +23,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ocs_onnx.context import CompileContext
-from ocs_onnx.facts import AFFINE_FOLDED, BATCHNORMS_FOLDED, CONSTANT_WEIGHTS
+from ocs_onnx.facts import AFFINE_FOLDED, BATCHNORMS_FOLDED, CONSTANT_WEIGHTS, TENSOR_TYPES
 from ocs_onnx.pass_manager import GraphEffect, compiler_pass
 
 FOLDABLE_OPS = ("Add", "Sub", "Mul")
@@ -95,6 +95,10 @@ def input_channels(w_shape: tuple[int, ...], group: int) -> np.ndarray:
     return group_of[:, None] * per_group + np.arange(per_group)[None, :]
 
 
+def _has_channels(t: gs.Tensor, channels: int, rank: int) -> bool:
+    return t.shape is not None and len(t.shape) == rank and t.shape[1] == channels
+
+
 def _unpadded(conv: gs.Node) -> bool:
     """Zero padding would not be shifted by an Add before the Conv: only without padding."""
     pads = conv.attrs.get("pads", [])
@@ -125,10 +129,8 @@ def _fold_into_reader(conv: gs.Node, graph_outputs: set[str], ctx: CompileContex
     if w.dtype != np.float32 or w.ndim < 3 or len(conv.inputs[0].inputs) != 1:
         return 0
     b = conv.inputs[2].values if len(conv.inputs) > 2 else np.zeros(w.shape[0], w.dtype)
-    if b.shape != (w.shape[0],):
-        return 0
     group = conv.attrs.get("group", 1)
-    if not isinstance(group, int) or not _valid_group(w.shape, group):
+    if b.shape != (w.shape[0],) or not isinstance(group, int) or not _valid_group(w.shape, group):
         return 0  # an invalid Conv: onnxruntime says so when it loads the model
     in_channels = w.shape[1] * group
     # the per-input-channel value of each weight w[o, j], as an array shaped like w
@@ -138,8 +140,11 @@ def _fold_into_reader(conv: gs.Node, graph_outputs: set[str], ctx: CompileContex
         return values[channels].reshape(channels.shape + (1,) * (w.ndim - 2))
 
     def constant_op(t: gs.Tensor, op: str):
+        """(node, data input, per-channel values) when ``t`` is ``op(data, constant)`` read by one
+        node only, and the data input already has the Conv's input shape (a constant that
+        broadcasts it to more channels makes them, and cannot move into the weights)."""
         found = _reader_constant(t.inputs[0], t, op, graph_outputs) if len(t.inputs) == 1 else None
-        if found is None:
+        if found is None or not _has_channels(found[0], in_channels, w.ndim):
             return None
         values = per_channel_values(np.asarray(found[1].values), in_channels, w.ndim)
         return (t.inputs[0], found[0], values) if values is not None and np.isfinite(values).all() else None
@@ -147,32 +152,41 @@ def _fold_into_reader(conv: gs.Node, graph_outputs: set[str], ctx: CompileContex
     x = conv.inputs[0]
     add = constant_op(x, "Add")
     mul = constant_op(add[1] if add is not None else x, "Mul")
-    w64, b64, folded = w.astype(np.float64), b.astype(np.float64), 0
-    if add is not None and _unpadded(conv):
+    fold_add = add is not None and _unpadded(conv)
+    new_shift = None
+    if mul is not None and add is not None and not fold_add:  # padded: h * c + b = (h + b / c) * c
+        with np.errstate(all="ignore"):
+            new_shift = (add[2] / mul[2]).astype(np.float32)
+        if not np.isfinite(new_shift).all():
+            mul = None  # b / c does not fit float32 (or c is 0): the pair stays as it is
+    w64, b64 = w.astype(np.float64), b.astype(np.float64)
+    if fold_add:
         b64 = b64 + (w64 * per_weight(add[2])).reshape(w.shape[0], -1).sum(1)
+    if mul is not None:
+        w64 = w64 * per_weight(mul[2])
+    folded = int(fold_add) + int(mul is not None)
+    w_new, b_new = w64.astype(w.dtype), b64.astype(w.dtype)
+    if not folded or not (np.isfinite(w_new).all() and np.isfinite(b_new).all()):
+        return 0
+    # everything is known: now edit the graph
+    if fold_add:
         conv.inputs[0] = add[1]
-        add, folded = None, 1
-    if mul is not None and (add is None or np.all(mul[2] != 0)):
-        mul_node, h, scale = mul
-        if add is None:
-            conv.inputs[0] = h
-        else:  # padded: h * c + b = (h + b / c) * c; the Add stays, in front of the Conv
-            add_node, _, shift = add
+    if mul is not None:
+        if new_shift is not None:
             shape = (1, in_channels) + (1,) * (w.ndim - 2)
-            add_node.inputs = [h, gs.Constant(ctx.unique_name(f"{add_node.name}_shift"), (shift / scale).astype(np.float32).reshape(shape))]
-        w64 = w64 * per_weight(scale)
-        folded += 1
-    if folded:
-        conv.inputs[1] = gs.Constant(ctx.unique_name(conv.inputs[1].name + "_affine"), w64.astype(w.dtype))
-        bias = gs.Constant(ctx.unique_name(f"{conv.name}_bias_affine"), b64.astype(w.dtype))
-        if len(conv.inputs) > 2:
-            conv.inputs[2] = bias
+            add[0].inputs = [mul[1], gs.Constant(ctx.unique_name(f"{add[0].name}_shift"), new_shift.reshape(shape))]
         else:
-            conv.inputs.append(bias)
+            conv.inputs[0] = mul[1]
+    conv.inputs[1] = gs.Constant(ctx.unique_name(conv.inputs[1].name + "_affine"), w_new)
+    bias = gs.Constant(ctx.unique_name(f"{conv.name}_bias_affine"), b_new)
+    if len(conv.inputs) > 2:
+        conv.inputs[2] = bias
+    else:
+        conv.inputs.append(bias)
     return folded
 
 
-@compiler_pass("fold-affine", requires=(CONSTANT_WEIGHTS, BATCHNORMS_FOLDED), produces=(AFFINE_FOLDED,),
+@compiler_pass("fold-affine", requires=(CONSTANT_WEIGHTS, BATCHNORMS_FOLDED, TENSOR_TYPES), produces=(AFFINE_FOLDED,),
                effect=GraphEffect.REWRITES)
 def fold_affine(graph: gs.Graph, ctx: CompileContext) -> None:
     """Constant Add/Sub/Mul after a Conv, and a constant scale (and shift, unpadded) before one, fold into it."""

@@ -660,3 +660,70 @@ def test_a_conv_with_an_impossible_group_count_is_an_invalid_model_not_an_intern
     onnx.save(model, str(path))
     code = main(["compile", str(path), "-q", "--abits", "none"])
     assert code == 3, capsys.readouterr().err
+
+
+def _graph_model(nodes, inputs, outputs, inits, opset=17) -> onnx.ModelProto:
+    from onnx import helper
+
+    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _folded_function_is_kept(model, feed, stop_after, ops=None):
+    rewritten, _ = ocs_onnx.compile(model, abits=None, ratio=0.0, stop_after=stop_after)
+    if ops is not None:
+        assert [n.op_type for n in rewritten.graph.node] == ops
+    expected, actual = run_model(model, feed)[0], run_model(rewritten, feed)[0]
+    assert expected.shape == actual.shape and np.isfinite(actual).all()
+    assert max_relative_error(expected, actual) < 1e-5
+
+
+def test_a_constant_that_broadcasts_a_convs_input_to_its_channels_does_not_fold():
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(10)
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "W"),
+             numpy_helper.from_array(np.array([0.5, 1.0, 2.0], np.float32).reshape(1, 3, 1, 1), "c")]
+    nodes = [helper.make_node("Mul", ["x", "c"], ["m"]), helper.make_node("Conv", ["m", "W"], ["y"], pads=[1, 1, 1, 1])]
+    model = _graph_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 8, 8])],
+                         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    feed = {"x": rng.normal(size=(1, 1, 8, 8)).astype(np.float32)}
+    _folded_function_is_kept(model, feed, "fold-affine", ["Mul", "Conv"])
+
+
+def test_a_shift_over_a_tiny_scale_is_left_as_it_is_before_a_padded_conv():
+    # (h + b / c) * c with c = 1e-30 and b = 1e10 would need b / c = 1e40, beyond float32
+    model = _affine_then_conv(3, 1, np.array([1e-30] + [1.0] * 7).reshape(1, 8, 1, 1), np.full(8, 1e10).reshape(1, 8, 1, 1))
+    feed = {"x": np.random.default_rng(11).normal(size=(2, 8, 6, 6)).astype(np.float32)}
+    _folded_function_is_kept(model, feed, "fold-affine", ["Relu", "Mul", "Add", "Conv"])
+
+
+def test_a_hardswish_whose_constants_would_raise_its_rank_is_not_fused():
+    from onnx import TensorProto, helper, numpy_helper
+
+    consts = {"three": np.full((1, 1, 1), 3.0), "zero": 0.0, "six": 6.0, "divisor": 6.0}
+    inits = [numpy_helper.from_array(np.asarray(v, dtype=np.float32), k) for k, v in consts.items()]
+    nodes = [
+        helper.make_node("Add", ["x", "three"], ["shifted"]),
+        helper.make_node("Clip", ["shifted", "zero", "six"], ["clipped"]),
+        helper.make_node("Mul", ["x", "clipped"], ["product"]),
+        helper.make_node("Div", ["product", "divisor"], ["y"]),
+    ]
+    model = _graph_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 5])],
+                         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 5])], inits, opset=14)
+    feed = {"x": np.random.default_rng(12).normal(size=(4, 5)).astype(np.float32) * 3}
+    _folded_function_is_kept(model, feed, "fuse-hardswish", ["Add", "Clip", "Mul", "Div"])
+
+
+def test_a_float16_hardswish_below_opset_14_keeps_its_type():
+    from onnx import TensorProto
+
+    model = _spelled_out_hardswish(13)
+    for tensor in model.graph.initializer:
+        tensor.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(tensor).astype(np.float16), tensor.name))
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.elem_type = TensorProto.FLOAT16
+    rewritten, _ = ocs_onnx.compile(model, abits=None, ratio=0.0, stop_after="fuse-hardswish")
+    assert [n.op_type for n in rewritten.graph.node] == ["Conv", "HardSigmoid", "Mul"]
+    feed = {"x": np.random.default_rng(13).normal(size=(2, 3, 8, 8)).astype(np.float16)}
+    assert max_relative_error(run_model(model, feed)[0], run_model(rewritten, feed)[0]) < 1e-2

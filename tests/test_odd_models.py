@@ -14,6 +14,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import ocs_onnx
 from ocs_onnx import errors
 from ocs_onnx.cli import main
 from ocs_onnx.quant import sqnr_db
@@ -220,3 +221,22 @@ def test_layers_inside_subgraphs_and_functions_are_listed_as_kept_float(make, no
     assert report["kept_float"] == {node: f"{reason}: kept float (layers inside subgraphs and functions are not quantized)"}
     assert report["totals"]["quantized_layers"] == 1  # the top-level Conv
     assert_same_interface_and_close(model, out, {"x": RNG.normal(size=(1, 3, 8, 8)).astype(np.float32)})
+
+
+def test_compiling_a_model_object_with_sparse_weights_leaves_it_unchanged():
+    dense = RNG.normal(size=(16, 8)).astype(np.float32)
+    dense[np.abs(dense) < 0.7] = 0
+    model = _model([helper.make_node("MatMul", ["x", "B"], ["y"])], [_value("x", ["N", 16])], [_value("y", ["N", 8])],
+                   sparse_initializer=[_sparse(dense, "B", coordinates=False)])
+    before = model.SerializeToString()
+    ocs_onnx.compile(model, abits=None)
+    assert model.SerializeToString() == before
+
+
+def test_a_sparse_weight_with_an_index_out_of_range_is_an_invalid_model(tmp_path, capsys):
+    sparse = _sparse(np.eye(4, dtype=np.float32), "B", coordinates=False)
+    sparse.indices.CopyFrom(numpy_helper.from_array(np.array([-1, 5, 10, 15], np.int64), "B_indices"))
+    model = _model([helper.make_node("MatMul", ["x", "B"], ["y"])], [_value("x", ["N", 4])], [_value("y", ["N", 4])],
+                   sparse_initializer=[sparse])
+    code, err, _, _ = compile_cli(capsys, model, tmp_path)
+    assert code == errors.INVALID_MODEL and "sparse initializer 'B'" in err and len(err.strip().splitlines()) == 1
