@@ -231,7 +231,7 @@ def test_a_tensor_whose_quantization_error_stands_out_is_kept_float():
     assert report["kept_float_activations"] == {} and len(report["integer_ops"]) == 2
 
 
-def test_int8_placement_never_changes_the_layers_own_quantization():
+def test_int8_placement_never_changes_the_layers_own_quantization_outside_a_concat():
     model = residual_block()
     _, with_ops, _ = _compile(model)
     _, layers_only, _ = _compile(model, int8_ops=False)
