@@ -38,6 +38,9 @@ SYNTHETIC_DYNAMIC_DIM = 32
 # anything, and random data of terabytes is a hang or an out-of-memory kill, not calibration.
 SYNTHETIC_SAMPLE_MAX_BYTES = 256 << 20
 SYNTHETIC_STRING_LENGTH = 8
+# A synthetic batch (without a fixed batch dimension) holds at most this much: large declared
+# inputs are generated a few samples at a time.
+SYNTHETIC_BATCH_MAX_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -320,18 +323,28 @@ def integer_input_limits(graph: gs.Graph) -> dict[str, int]:
     return limits
 
 
+def _synthetic_sample_shapes(specs: list[InputSpec]) -> dict[str, list[int]]:
+    return {
+        spec.name: [d if isinstance(d, int) and d >= 0 else SYNTHETIC_DYNAMIC_DIM for d in spec.shape[1:]]
+        for spec in specs
+    }
+
+
+def synthetic_sample_bytes(specs: list[InputSpec]) -> int:
+    """Bytes one synthetic sample of every input takes while it is generated (as 8-byte values,
+    then cast; a string's 8 letters as 4-byte code points)."""
+    shapes = _synthetic_sample_shapes(specs)
+    per_element = {spec.name: SYNTHETIC_STRING_LENGTH * 4 if spec.dtype.kind in "OSU" else 8 for spec in specs}
+    return sum(int(np.prod(shapes[spec.name], dtype=np.float64)) * per_element[spec.name] for spec in specs)
+
+
 def synthetic_batches(
     specs: list[InputSpec], samples: int, batch: int, seed: int, int_high: dict[str, int]
 ) -> Iterator[dict[str, np.ndarray]]:
     """Seeded stand-in inputs: N(0, 1) floats, integers in [0, high), random booleans, random
     lowercase words."""
-    sample_shapes = {
-        spec.name: [d if isinstance(d, int) and d >= 0 else SYNTHETIC_DYNAMIC_DIM for d in spec.shape[1:]]
-        for spec in specs
-    }
-    sample_bytes = sum(
-        int(np.prod(sample_shapes[spec.name], dtype=np.float64)) * max(spec.dtype.itemsize, 8) for spec in specs
-    )  # generated as 8-byte values first
+    sample_shapes = _synthetic_sample_shapes(specs)
+    sample_bytes = synthetic_sample_bytes(specs)
     if sample_bytes > SYNTHETIC_SAMPLE_MAX_BYTES:
         declared = ", ".join(f"{spec.name!r} {_shape_text(spec.shape)}" for spec in specs)
         raise CalibrationDataError(

@@ -9,12 +9,14 @@ import sys
 import onnx_graphsurgeon as gs
 
 from ocs_onnx.calibration import (
+    SYNTHETIC_BATCH_MAX_BYTES,
     InputSpec,
     integer_input_limits,
     model_input_specs,
     observe_ranges,
     open_calibration_data,
     synthetic_batches,
+    synthetic_sample_bytes,
 )
 from ocs_onnx.context import CompileContext, log
 from ocs_onnx.errors import CalibrationDataError
@@ -81,6 +83,8 @@ def calibrate(graph: gs.Graph, ctx: CompileContext) -> None:
 
     else:
         total = min(config.calib_samples, SYNTHETIC_SAMPLES_MAX)
+        if not any(s.batch_dim is not None for s in specs):
+            batch = max(1, min(batch, SYNTHETIC_BATCH_MAX_BYTES // max(synthetic_sample_bytes(specs), 1)))
         if total < config.calib_samples:
             ctx.warn(
                 f"--calib-samples {config.calib_samples:,}: synthetic calibration uses at most {SYNTHETIC_SAMPLES_MAX:,} "

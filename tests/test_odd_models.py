@@ -240,3 +240,16 @@ def test_a_sparse_weight_with_an_index_out_of_range_is_an_invalid_model(tmp_path
                    sparse_initializer=[sparse])
     code, err, _, _ = compile_cli(capsys, model, tmp_path)
     assert code == errors.INVALID_MODEL and "sparse initializer 'B'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_large_synthetic_samples_are_generated_a_few_at_a_time(tmp_path, capsys, monkeypatch):
+    import ocs_onnx.passes.calibrate as calibrate
+    from ocs_onnx import calibration
+
+    model = _model([_conv()], [_value("x", ["N", 3, 1024, 1024])], [_value("y", ["N", 4, 1024, 1024])], [_weight("W")])
+    sample = calibration.synthetic_sample_bytes(calibration.model_input_specs(model))
+    assert sample == 3 * 1024 * 1024 * 8  # generated as 8-byte values: 24 MiB a sample
+    monkeypatch.setattr(calibrate, "SYNTHETIC_BATCH_MAX_BYTES", 2 * sample)  # two samples a batch
+    code, err, _, report = compile_cli(capsys, model, tmp_path, "--calib-samples", "5", "--no-verify")
+    assert code == 0, err
+    assert report["calibration"]["batch"] == 2 and report["calibration"]["samples"] == 5
