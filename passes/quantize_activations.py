@@ -54,7 +54,8 @@ def _insert_qdq(
     """
     scale = gs.Constant(ctx.unique_name(f"{tensor.name}_scale"), np.asarray(qp.scale, dtype=np.float32))
     zero_point = gs.Constant(ctx.unique_name(f"{tensor.name}_zero_point"), np.asarray(qp.zero_point, dtype=qp.dtype))
-    consumers = list(tensor.outputs) if consumers is None else consumers
+    every_reader = consumers is None
+    consumers = list(tensor.outputs) if every_reader else consumers
     quantized = gs.Variable(ctx.unique_name(f"{tensor.name}_quantized"), dtype=qp.dtype, shape=tensor.shape)
     dequantized = gs.Variable(ctx.unique_name(f"{tensor.name}_dequantized"), dtype=np.float32, shape=tensor.shape)
     to_quantize = tensor
@@ -90,10 +91,11 @@ def _insert_qdq(
         for i, t in enumerate(consumer.inputs):
             if t is tensor:
                 consumer.inputs[i] = dequantized
-    if any(t is tensor for t in graph.outputs) and not any(t is tensor for t in graph.inputs):
+    if every_reader and any(t is tensor for t in graph.outputs) and not any(t is tensor for t in graph.inputs):
         # A graph output keeps its name (in every place the model lists it): the dequantized
         # tensor takes it over. A graph input that is also an output keeps both roles: its
-        # name is the model's interface, and the output is the input as given.
+        # name is the model's interface, and the output is the input as given. A constant
+        # quantized for some readers only stays what the graph outputs.
         original = tensor.name
         tensor.name = ctx.unique_name(f"{original}_before_quantize")
         dequantized.name = original

@@ -262,3 +262,20 @@ def test_a_layer_input_stays_quantized_when_the_placed_tensor_before_it_is_kept_
     _, report, _ = _compile(model, ratio=0.0, int8_error_margin_db=-100.0)  # every placed tensor kept float
     assert "t1" in report["kept_float_activations"]
     assert pooled in report["activations"] and report["onnxruntime"]["integer_kernels"] == 2
+
+
+def test_a_scalar_constant_that_is_also_a_graph_output_stays_exact_there():
+    net = Net()
+    a = net.op("Relu", [net.conv("x", 3, 8)])
+    shift = net.const(0.75)
+    net.conv(net.op("Add", [a, shift]), 8, 4)  # padded: the Add does not fold into it
+    model = net.model(net.nodes[-1].output[0], ["N", 4, 16, 16])
+    model.graph.output.append(helper.make_tensor_value_info(shift, TensorProto.FLOAT, []))
+    compiled, report, _ = _compile(model, ratio=0.0)
+    assert report["integer_ops"] == {"add2": "QLinearAdd"}
+    assert [o.name for o in compiled.graph.output] == ["y", shift]
+    assert shift in {t.name for t in compiled.graph.initializer}  # the constant itself, not a DequantizeLinear of it
+    assert not any(shift in n.output for n in compiled.graph.node)
+    x = np.random.default_rng(3).normal(size=(1, 3, 16, 16)).astype(np.float32)
+    outputs = ort.InferenceSession(compiled.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert outputs[1] == np.float32(0.75)
