@@ -45,6 +45,7 @@ class CompileConfig:
     granularity: str = "channel"
     # Quantize, beyond the layers, the ops onnxruntime runs as integer kernels (residual Adds,
     # SE Muls, pooling, Concat, Sigmoid, and the data movement between them: ocs_onnx/placement.py).
+    # Only with 8-bit activations: below, onnxruntime has no kernels for them.
     int8_ops: bool = True
     # A tensor the int8 placement added stays float when its estimated quantization SQNR is
     # more than this many dB below the median of the layers' activations. None: never.

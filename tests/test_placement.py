@@ -279,3 +279,10 @@ def test_a_scalar_constant_that_is_also_a_graph_output_stays_exact_there():
     x = np.random.default_rng(3).normal(size=(1, 3, 16, 16)).astype(np.float32)
     outputs = ort.InferenceSession(compiled.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     assert outputs[1] == np.float32(0.75)
+
+
+def test_below_8_bit_activations_only_the_layers_are_quantized():
+    model = residual_block()
+    _, report, _ = _compile(model, abits=6)
+    _, layers_only, _ = _compile(model, abits=6, int8_ops=False)
+    assert report["integer_ops"] == {} and set(report["activations"]) == set(layers_only["activations"])
