@@ -69,19 +69,24 @@ def _fold_one(conv: gs.Node, graph_outputs: set[str], ctx: CompileContext) -> bo
     if b.shape != (w.shape[0],):
         return False
     w_new, b_new = fold_affine_into_conv(w, b, consumer.op, values)
-    if w_new is not w:
-        conv.inputs[1] = gs.Constant(ctx.unique_name(conv.inputs[1].name + "_affine"), w_new)
-    bias = gs.Constant(ctx.unique_name(f"{conv.name}_bias_affine"), b_new)
-    if len(conv.inputs) > 2:
-        conv.inputs[2] = bias
-    else:
-        conv.inputs.append(bias)
+    _set_weights(conv, w_new if w_new is not w else None, b_new, ctx)
     # the Conv now writes the op's output; the op is left without inputs and outputs
     result = consumer.outputs[0]
     consumer.outputs.clear()
     consumer.inputs.clear()
     conv.outputs[0] = result
     return True
+
+
+def _set_weights(conv: gs.Node, weight: np.ndarray | None, bias: np.ndarray, ctx: CompileContext) -> None:
+    """New constants for the Conv's folded weight (None: unchanged) and bias (added if it had none)."""
+    if weight is not None:
+        conv.inputs[1] = gs.Constant(ctx.unique_name(conv.inputs[1].name + "_affine"), weight)
+    constant = gs.Constant(ctx.unique_name(f"{conv.name}_bias_affine"), bias)
+    if len(conv.inputs) > 2:
+        conv.inputs[2] = constant
+    else:
+        conv.inputs.append(constant)
 
 
 def _valid_group(w_shape: tuple[int, ...], group: int) -> bool:
@@ -177,12 +182,7 @@ def _fold_into_reader(conv: gs.Node, graph_outputs: set[str], ctx: CompileContex
             add[0].inputs = [mul[1], gs.Constant(ctx.unique_name(f"{add[0].name}_shift"), new_shift.reshape(shape))]
         else:
             conv.inputs[0] = mul[1]
-    conv.inputs[1] = gs.Constant(ctx.unique_name(conv.inputs[1].name + "_affine"), w_new)
-    bias = gs.Constant(ctx.unique_name(f"{conv.name}_bias_affine"), b_new)
-    if len(conv.inputs) > 2:
-        conv.inputs[2] = bias
-    else:
-        conv.inputs.append(bias)
+    _set_weights(conv, w_new, b_new, ctx)
     return folded
 
 
@@ -192,18 +192,18 @@ def fold_affine(graph: gs.Graph, ctx: CompileContext) -> None:
     """Constant Add/Sub/Mul after a Conv, and a constant scale (and shift, unpadded) before one, fold into it."""
     graph_outputs = {t.name for t in graph.outputs}
     folded = 0
-    for conv in list(graph.nodes):
-        if conv.op != "Conv" or not isinstance(conv.inputs[1], gs.Constant):
-            continue
-        if len(conv.inputs) > 2 and not isinstance(conv.inputs[2], gs.Constant):
-            continue
+    convs = [
+        node
+        for node in graph.nodes
+        if node.op == "Conv"
+        and isinstance(node.inputs[1], gs.Constant)
+        and (len(node.inputs) < 3 or isinstance(node.inputs[2], gs.Constant))
+    ]
+    for conv in convs:
         while _fold_one(conv, graph_outputs, ctx):  # a bias Add, then a scale, then a shift
             folded += 1
-    for conv in list(graph.nodes):
-        if conv.op == "Conv" and isinstance(conv.inputs[1], gs.Constant) and (
-            len(conv.inputs) < 3 or isinstance(conv.inputs[2], gs.Constant)
-        ):
-            folded += _fold_into_reader(conv, graph_outputs, ctx)
+    for conv in convs:
+        folded += _fold_into_reader(conv, graph_outputs, ctx)
     graph.cleanup()
     ctx.count(affine_ops_folded=folded)
     ctx.facts[AFFINE_FOLDED] = True
