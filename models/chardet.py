@@ -57,7 +57,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.ocr import OcrDataError, _Fonts, _overlap, _pil, make_session, resize_bilinear
+from models.ocr import OcrDataError, _Fonts, _overlap, _pil, box_iou, make_session, pooled_scores, resize_bilinear
 
 # --------------------------------------------------------------------------
 # Constants of the model (from the package's code)
@@ -332,19 +332,6 @@ def save_calibration(path: str | os.PathLike, data: CharSet, input_name: str = I
 # --------------------------------------------------------------------------
 
 
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU matrix [len(a), len(b)] of x0 y0 x1 y1 boxes (continuous areas)."""
-    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
-    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
-    ix = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
-    iy = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
-    inter = ix * iy
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
-
-
 def match_by_score(
     truth: np.ndarray, predicted: np.ndarray, scores: np.ndarray, iou_threshold: float = IOU_THRESH
 ) -> list[tuple[int, int, float]]:
@@ -370,19 +357,7 @@ def detection_scores(
 ) -> dict:
     """Recall, precision and F1 pooled over a set, and the mean IoU of the matched boxes."""
     matches = [m for t, p, s in zip(truth, predicted, scores) for m in match_by_score(t, p, s, iou_threshold)]
-    n_true = sum(len(t) for t in truth)
-    n_pred = sum(len(p) for p in predicted)
-    recall = len(matches) / n_true if n_true else 0.0
-    precision = len(matches) / n_pred if n_pred else 0.0
-    f1 = 2 * recall * precision / (recall + precision) if recall + precision else 0.0
-    return {
-        "recall": recall,
-        "precision": precision,
-        "f1": f1,
-        "matched_mean_iou": float(np.mean([m[2] for m in matches])) if matches else 0.0,
-        "boxes_true": n_true,
-        "boxes_predicted": n_pred,
-    }
+    return pooled_scores(matches, sum(len(t) for t in truth), sum(len(p) for p in predicted))
 
 
 def run_model(model, inputs: np.ndarray, batch: int = 8) -> np.ndarray:

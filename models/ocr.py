@@ -570,8 +570,11 @@ def detection_scores(truth: Sequence[np.ndarray], predicted: Sequence[np.ndarray
     """Recall, precision and F1 over a whole set (counts pooled over pages), and the mean IoU of
     the matched boxes (how tightly they agree, which a 0.5 threshold alone does not show)."""
     matches = [m for t, p in zip(truth, predicted) for m in match_boxes(t, p, iou_threshold)]
-    n_true = sum(len(t) for t in truth)
-    n_pred = sum(len(p) for p in predicted)
+    return pooled_scores(matches, sum(len(t) for t in truth), sum(len(p) for p in predicted))
+
+
+def pooled_scores(matches: Sequence[tuple[int, int, float]], n_true: int, n_pred: int) -> dict:
+    """Recall, precision, F1 and mean matched IoU from the matches of a whole set."""
     recall = len(matches) / n_true if n_true else 0.0
     precision = len(matches) / n_pred if n_pred else 0.0
     f1 = 2 * recall * precision / (recall + precision) if recall + precision else 0.0
