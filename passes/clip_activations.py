@@ -14,13 +14,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from ocs_onnx.clip import (
-    aciq_threshold_histogram,
-    kl_threshold,
-    mse_threshold_histogram,
-    percentile_threshold_histogram,
-)
-from ocs_onnx.config import CompileConfig
+from ocs_onnx.activations import activation_qparams, clipped_activation
 from ocs_onnx.context import CompileContext
 from ocs_onnx.facts import (
     ACTIVATION_CLIPPING,
@@ -33,63 +27,21 @@ from ocs_onnx.facts import (
     activations_to_quantize,
     observed,
 )
-from ocs_onnx.histogram import SymmetricHistogram, merged_histogram
+from ocs_onnx.histogram import merged_histogram
 from ocs_onnx.pass_manager import compiler_pass
 from ocs_onnx.placement import keep_float_reason, median
-from ocs_onnx.quant import (
-    ActivationQParams,
-    asymmetric_uint8_qparams,
-    histogram_sqnr_db,
-    symmetric_int8_qparams,
-)
-
-
-def activation_qparams(lo: float, hi: float, bits: int, activation_type: str) -> ActivationQParams:
-    if activation_type == "uint8":
-        return asymmetric_uint8_qparams(lo, hi, bits)
-    return symmetric_int8_qparams(lo, hi, bits)
-
-
-def activation_threshold(histogram: SymmetricHistogram, lo: float, config: CompileConfig) -> float:
-    """The ``--aclip`` threshold of |x| for one activation."""
-    counts, edges = histogram.absolute()
-    bits, method = config.abits, config.aclip
-    unsigned = lo >= 0 and config.activation_type == "uint8"
-    if method == "mse":
-        return mse_threshold_histogram(counts, edges, bits, symmetric=not unsigned)
-    if method == "aciq":
-        return aciq_threshold_histogram(counts, edges, bits)
-    if method == "kl":
-        if unsigned:
-            # As TensorRT does for a Relu output: the spike of zeros would dominate the divergence
-            # (it takes the height of its neighbour instead), and the unsigned grid has twice the
-            # levels over [0, alpha] of the symmetric one.
-            counts = counts.copy()
-            counts[0] = counts[1]
-            return kl_threshold(counts, edges, bits, unsigned=True)
-        return kl_threshold(counts, edges, bits)
-    return percentile_threshold_histogram(counts, edges, config.percentile)
 
 
 def _clip(sources: list[str], value_range, histogram, clipping: ActivationClipping, config) -> None:
     """The clipped range (and threshold, and estimated SQNR) that ``sources`` get, from their
     range and histogram."""
-    lo, hi = value_range
-    alpha = None
-    if config.aclip != "none" and histogram is not None and histogram.limit > 0:
-        alpha = activation_threshold(histogram, lo, config)
-        if alpha > 0:
-            lo, hi = max(lo, -alpha), min(hi, alpha)
-    qp = activation_qparams(lo, hi, config.abits, config.activation_type)
-    sqnr = None
-    if histogram is not None and histogram.limit > 0:
-        sqnr = histogram_sqnr_db(histogram.counts, histogram.edges, qp, config.abits)
+    clipped = clipped_activation(value_range, histogram, config)
     for source in sources:
-        if alpha is not None:
-            clipping.thresholds[source] = alpha
-        clipping.clipped_ranges[source] = (lo, hi)
-        if sqnr is not None:
-            clipping.sqnr_db[source] = sqnr
+        if clipped.threshold is not None:
+            clipping.thresholds[source] = clipped.threshold
+        clipping.clipped_ranges[source] = clipped.range
+        if clipped.sqnr_db is not None:
+            clipping.sqnr_db[source] = clipped.sqnr_db
 
 
 def _shared_sources(plan, tensors: dict[str, str], kept_float: dict[str, str]) -> list[list[str]]:

@@ -14,10 +14,14 @@ duplicate the same channels share one widening.
 
 A layer keeps its splits only if they lower its weight quantization error (the squared error of
 the weight the quantized layer effectively applies, at the configured bits, granularity and clip
-method), by at least ``--min-split-gain`` dB of weight SQNR: where the largest weights of a layer
-are all about the same size, halving one channel barely moves the grid and only adds rounding,
-and the extra channels cost run time for nothing. ``--no-ocs-guard`` splits regardless, as the
-paper does.
+method), and raise its estimated output SQNR by at least ``--min-split-gain`` dB. The output's
+noise is the weight's relative error plus its input's (the input's quantization SQNR estimated on
+its calibration histogram under the parameters ``clip-activations`` will give it): for
+y = sum_i w_i x_i with errors uncorrelated with the signal, the two relative noise powers add.
+So a split that refines a 7-bit weight grid behind an 8-bit input whose own noise is as large
+gains little, and the extra channels cost run time for it; where the largest weights of a layer
+are all about the same size, halving one channel barely moves the grid at all.
+``--no-ocs-guard`` splits regardless, as the paper does.
 
 This pass writes the *naive* halves; the quantization-aware offsets (paper eq. 6) need the final
 scale and are applied by ``qa-split`` once ``clip-weights`` has chosen it.
@@ -30,10 +34,21 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ocs_onnx.activations import clipped_activation
 from ocs_onnx.channels import append_channel_copies
 from ocs_onnx.config import CompileConfig
 from ocs_onnx.context import CompileContext
-from ocs_onnx.facts import ACTIVATION_SPLITS, LAYERS, WEIGHT_SPLITS, Layer, WeightSplit, WeightSplits
+from ocs_onnx.facts import (
+    ACTIVATION_PLAN,
+    ACTIVATION_SPLITS,
+    ACTIVATION_STATISTICS,
+    LAYERS,
+    WEIGHT_SPLITS,
+    Layer,
+    WeightSplit,
+    WeightSplits,
+    observed,
+)
 from ocs_onnx.gs_adapter import ComputedConstant
 from ocs_onnx.pass_manager import GraphEffect, compiler_pass
 from ocs_onnx.quant import (
@@ -91,6 +106,32 @@ class _Plan:
         return self.origins[len(self.origins) - len(self.splits) :]
 
 
+def input_sqnr_db(layer: Layer, ctx: CompileContext) -> float | None:
+    """The estimated quantization SQNR of the layer's input under the parameters it will get
+    (None when it stays float or has no histogram)."""
+    plan, splits = ctx.facts[ACTIVATION_PLAN], ctx.facts[ACTIVATION_SPLITS]
+    if ctx.config.abits is None:
+        return None
+    replaced = splits.replaced
+    sources = {replaced.get(n, n): replaced.get(s, s) for n, s in plan.tensors.items()}
+    source = sources.get(layer.node.inputs[0].name)
+    if source is None:
+        return None
+    return clipped_activation(*observed(source, ctx.facts[ACTIVATION_STATISTICS], splits), ctx.config).sqnr_db
+
+
+def output_gain_db(error_without: float, error_with: float, energy: float, input_sqnr: float | None) -> float | None:
+    """How many dB splitting raises the layer's output SQNR: its weight's relative quantization
+    error (squared error over the weight's energy) plus its input's (1 / SQNR), without the
+    splits against with them; None where nothing is to gain or lose."""
+    input_noise = 0.0 if input_sqnr is None else 10 ** (-input_sqnr / 10)
+    without = error_without / energy + input_noise
+    with_ocs = error_with / energy + input_noise
+    if not (with_ocs > 0 and without > 0):
+        return None
+    return 10 * float(np.log10(without / with_ocs))
+
+
 def _plan_splits(layer: Layer, weight: gs.Constant, ctx: CompileContext) -> _Plan:
     w = weight.values
     channels = w.shape[layer.weight_in_axis]
@@ -101,14 +142,19 @@ def _plan_splits(layer: Layer, weight: gs.Constant, ctx: CompileContext) -> _Pla
     if splits and ctx.config.ocs_guard:
         with_ocs = quantization_error(layer, w, splits, ctx.config)
         without = quantization_error(layer, w, [], ctx.config)
-        gain_db = 10 * np.log10(without / with_ocs) if with_ocs > 0 and without > 0 else None
+        energy = float(np.sum(np.square(w, dtype=np.float64)))
+        input_sqnr = input_sqnr_db(layer, ctx)
+        gain_db = output_gain_db(without, with_ocs, energy, input_sqnr) if energy > 0 else None
         if not with_ocs < without:
             reason = "splitting did not lower this layer's weight quantization error"
             splits = []
         elif gain_db is not None and gain_db < ctx.config.split_gain_db:
+            weight_gain = 10 * np.log10(without / with_ocs)
+            against = f", its input's quantization SQNR {input_sqnr:.1f} dB" if input_sqnr is not None else ""
             reason = (
-                f"splitting raised this layer's weight SQNR by {gain_db:.2f} dB only, less than "
-                f"--min-split-gain {ctx.config.split_gain_db:g} dB (the copies cost run time)"
+                f"splitting raised this layer's output SQNR by {gain_db:.2f} dB only (weight SQNR "
+                f"{weight_gain:+.2f} dB{against}), less than --min-split-gain "
+                f"{ctx.config.split_gain_db:g} dB (the copies cost run time)"
             )
             splits = []
     ctx.done_with(w)
@@ -140,11 +186,16 @@ def _fold_into_producer(
     return region.root.name
 
 
-@compiler_pass("weight-ocs", requires=(LAYERS, ACTIVATION_SPLITS), produces=(WEIGHT_SPLITS,), effect=GraphEffect.EDITS)
+@compiler_pass(
+    "weight-ocs",
+    requires=(LAYERS, ACTIVATION_PLAN, ACTIVATION_STATISTICS, ACTIVATION_SPLITS),
+    produces=(WEIGHT_SPLITS,),
+    effect=GraphEffect.EDITS,
+)
 def weight_ocs(graph: gs.Graph, ctx: CompileContext) -> None:
-    """`ceil(r*C_in)` splits per layer on the input channel holding the largest abs weight, kept if they lower the
-    weight quantization error; weight rows duplicated; the input's copies computed by its producer (widened) or
-    by `Concat(x, Slice(x, c), ...)`."""
+    """`ceil(r*C_in)` splits per layer on the input channel holding the largest abs weight, kept if they raise the
+    layer's output SQNR (its input's noise counted) by `--min-split-gain`; weight rows duplicated; the input's copies
+    computed by its producer (widened) or by `Concat(x, Slice(x, c), ...)`."""
     activation_splits, layers = ctx.facts[ACTIVATION_SPLITS], ctx.facts[LAYERS]
     plans = [_plan_splits(layer, activation_splits.weight_of(layer), ctx) for layer in layers]
     # Layers that read the same tensor and copy the same channels share one widening of it.
