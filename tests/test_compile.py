@@ -11,6 +11,7 @@ import pytest
 import ocs_onnx
 from models import builders, digits
 from ocs_onnx import quant
+from ocs_onnx.passes.weight_ocs import output_gain_db
 
 from .conftest import feed_for, max_relative_error, run_model
 
@@ -128,6 +129,30 @@ def test_splits_that_gain_less_than_the_minimum_are_dropped_and_auto_keeps_them_
         assert bool(kept[name]["split"]) == (gain >= threshold - 1e-9), name
         if not kept[name]["split"]:
             assert "less than --min-split-gain" in kept[name]["not_split_reason"]
+
+
+def test_a_splits_gain_is_the_layers_output_sqnr_with_its_inputs_quantization_noise_counted():
+    # Halving the weight error is 3 dB alone; behind an input whose own noise equals the weight
+    # error before splitting, the output noise goes from 2 to 1.5 units: 1.25 dB.
+    assert output_gain_db(1e-3, 0.5e-3, 1.0, input_sqnr=None) == pytest.approx(3.0103, abs=1e-4)
+    assert output_gain_db(1e-3, 0.5e-3, 1.0, input_sqnr=30.0) == pytest.approx(1.2494, abs=1e-4)
+    assert output_gain_db(2e-3, 1e-3, 2.0, input_sqnr=30.0) == pytest.approx(1.2494, abs=1e-4)  # relative errors
+
+
+def test_splits_behind_a_noisy_8_bit_input_are_dropped_where_the_same_weights_alone_would_split():
+    model = builders.transformer_block()
+
+    def layers(**options) -> dict[str, dict]:
+        _, report = ocs_onnx.compile(model, ratio=0.02, verify=False, **options)
+        return {layer["name"]: layer for layer in report["layers"]}
+
+    weight_only, w8a8 = layers(abits=None, wbits=7), layers(abits=8, wbits=8)  # both a 7-bit weight grid
+    dropped = [name for name in weight_only if weight_only[name]["split"] and not w8a8[name]["split"]]
+    assert dropped, "at 7 bits some split gains more than 1 dB of weight SQNR but not of output SQNR"
+    for name in dropped:
+        reason = w8a8[name]["not_split_reason"]
+        assert "output SQNR" in reason and "its input's quantization SQNR" in reason, reason
+        assert weight_only[name]["sqnr_db"]["with_ocs"] - weight_only[name]["sqnr_db"]["without_ocs"] >= 1.0
 
 
 def test_the_automatic_minimum_split_gain_is_1_db_at_6_bits_and_more_and_0_below():
