@@ -148,8 +148,8 @@ def _option(*flags: str, field: str, **kwargs):
     type=NumberOrAuto(),
     default="auto",
     show_default=True,
-    help="Keep a layer's OCS splits only when they raise its weight SQNR by at least this many dB (with the guard); "
-    "'auto' is 1 for weights of 6 bits and more, 0 below.",
+    help="Keep a layer's OCS splits only when they raise its estimated output SQNR (weight and input quantization "
+    "noise together) by at least this many dB (with the guard); 'auto' is 1 for weights of 6 bits and more, 0 below.",
 )
 @_option(
     "--int8-ops/--layers-only",

@@ -32,7 +32,8 @@ class CompileConfig:
     split: str = "qa"
     # Keep a layer's splits only when they lower its weight quantization error.
     ocs_guard: bool = True
-    # ... and only when they raise its weight SQNR by at least this many dB: every split costs
+    # ... and only when they raise its estimated output SQNR (its weight's quantization noise and
+    # its input's, together) by at least this many dB: every split costs
     # run time (wider layers at unaligned channel counts, or copies at run time). None =
     # automatic: 1 dB for weights of 6 bits and more, where OCS moves no task metric measurably
     # and the splits it makes cost 10-90 % of latency; 0 below, where its gains are real (README,
