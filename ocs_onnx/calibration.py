@@ -397,14 +397,19 @@ class RangeObserver:
     constant memory (clip methods for activations read the histogram). Given a channel layout,
     it also keeps one histogram per channel (activation OCS reads them)."""
 
-    def __init__(self, channel_layout: tuple[int, int] | None = None):
+    def __init__(self, channel_layout: tuple[int, int] | None = None, peak_axis: int | None = None):
         self.lo = np.inf
         self.hi = -np.inf
         self.histogram = SymmetricHistogram()
         self.channel_axis, channels = channel_layout if channel_layout is not None else (None, 0)
         self.channel_histograms = ChannelHistograms(channels) if channel_layout is not None else None
+        # the maximum of every channel along peak_axis (None: not asked for, or not that layout)
+        self.peak_axis = peak_axis
+        self.channel_peaks: np.ndarray | None = None
 
     def update(self, values: np.ndarray) -> None:
+        if self.peak_axis is not None and values.size:
+            self._update_peaks(values)
         if values.dtype.kind == "f" and not np.isfinite(values).all():
             values = values[np.isfinite(values)]  # a NaN/Inf (e.g. behind an Inf weight) has no grid point
         if values.size:
@@ -419,6 +424,19 @@ class RangeObserver:
                     self.channel_histograms.update(values, axis)
                 else:  # not the layout the layers promised: no per-channel statistics (no split)
                     self.channel_histograms = None
+
+    def _update_peaks(self, values: np.ndarray) -> None:
+        axis = self.peak_axis
+        if values.ndim <= (axis if axis >= 0 else -axis - 1) or (
+            self.channel_peaks is not None and values.shape[axis] != self.channel_peaks.size
+        ):
+            self.peak_axis, self.channel_peaks = None, None  # not the layer's layout: no peaks
+            return
+        others = tuple(a for a in range(values.ndim) if a != axis % values.ndim)
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            values = np.where(np.isfinite(values), values, -np.inf)  # no grid point, as above
+        peaks = values.max(axis=others).astype(np.float64)
+        self.channel_peaks = peaks if self.channel_peaks is None else np.maximum(self.channel_peaks, peaks)
 
     @property
     def range(self) -> tuple[float, float]:
@@ -440,6 +458,7 @@ class CalibrationResult:
     samples: int
     reference: ReferenceBatch | None
     channel_histograms: dict[str, ChannelHistograms] = field(default_factory=dict)
+    channel_peaks: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 # Activations fetched from one calibration run, at most (see observe_ranges).
@@ -482,11 +501,12 @@ def observe_ranges(
     channel_layouts: dict[str, tuple[int, int]] | None = None,
     synthetic_feed: Callable[[int], dict[str, np.ndarray]] | None = None,
     constants: dict[str, np.ndarray] | None = None,
+    peak_axes: dict[str, int] | None = None,
 ) -> CalibrationResult:
     """Runs ``model`` on every batch: the range of every tensor, the sample count, and the first
     batch with the model's outputs on it (the reference the quantized model is checked against).
     Tensors in ``channel_layouts`` ({name: (channel axis, channels)}) also get per-channel
-    histograms.
+    histograms, and tensors in ``peak_axes`` ({name: channel axis}) per-channel maxima.
 
     A batch the model cannot run on is the data's fault (CalibrationDataError) only if the model
     runs on synthetic inputs of the same size, ``synthetic_feed(rows)``; otherwise, and always
@@ -504,7 +524,8 @@ def observe_ranges(
     calibration_session = new_session(model.SerializeToString(), BASIC_OPTIMIZATION)
     constants = constants or {}
     layouts = channel_layouts or {}
-    observers = {name: RangeObserver(layouts.get(name)) for name in tensor_names}
+    peak_axes = peak_axes or {}
+    observers = {name: RangeObserver(layouts.get(name), peak_axes.get(name)) for name in tensor_names}
     samples = 0
     reference = None
     # With a dynamic batch dimension, a batch is run in chunks small enough that the activations
@@ -548,4 +569,5 @@ def observe_ranges(
         samples,
         reference,
         {name: obs.channel_histograms for name, obs in observers.items() if obs.channel_histograms is not None},
+        {name: obs.channel_peaks for name, obs in observers.items() if obs.channel_peaks is not None},
     )

@@ -223,7 +223,8 @@ def _option(*flags: str, field: str, **kwargs):
 @click.option(
     "--reduce-range/--no-reduce-range",
     default=DEFAULTS.reduce_range,
-    help="8-bit weights on a +-63 grid so uint8 x int8 kernels cannot overflow on CPUs without VNNI [default: on for W8A8].",
+    help="Every 8-bit weight on the +-63 grid / the full +-127 grid everywhere. Default at W8A8: a coarser scale only "
+    "for the weight rows whose 16-bit pair sums could overflow onnxruntime's kernels on CPUs without VNNI.",
 )
 @click.option("--no-verify", is_flag=True, default=not DEFAULTS.verify, help="Skip the onnxruntime check of the output.")
 @_option(

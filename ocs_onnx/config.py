@@ -65,10 +65,11 @@ class CompileConfig:
     # Glob patterns on node names or op types; matching nodes stay float.
     exclude: tuple[str, ...] = ()
     seed: int = 0
-    # Store 8-bit weights on a 7-bit grid (+-63) so that onnxruntime's uint8 x int8 kernels
-    # cannot overflow their 16-bit pair sums on x86 CPUs without VNNI (AVX2). None = automatic:
-    # on when weights are 8-bit and activations are quantized to 8 bits (the only case that can
-    # overflow: 2 x 255 x 127 > 32767, while 2 x 255 x 63 and 2 x 127 x 127 fit).
+    # onnxruntime's uint8 x int8 kernels add pairs of products in 16 bits on x86 CPUs without
+    # VNNI (AVX2), which a full +-127 weight grid can overflow (ocs_onnx/overflow.py). None =
+    # automatic: at W8A8 each weight row gets the finest scale whose pair sums provably fit on
+    # the calibration data. True: every 8-bit weight on the 7-bit grid +-63 (always fits).
+    # False: the full grid everywhere (CPUs with VNNI, or other runtimes).
     reduce_range: bool | None = None
     # Verify the output in onnxruntime (load, count integer kernels, run one batch).
     verify: bool = True
@@ -135,16 +136,21 @@ class CompileConfig:
 
     @property
     def reduces_range(self) -> bool:
-        if self.reduce_range is None:
-            return self.wbits == 8 and self.abits == 8
+        """Every 8-bit weight on the +-63 grid (``--reduce-range``)."""
         return bool(self.reduce_range) and self.wbits == 8
+
+    @property
+    def bounds_pair_sums(self) -> bool:
+        """Weight scales raised per row where the 16-bit pair sums could overflow (the default at
+        W8A8; below 8 bits on either side nothing can: 2 x 255 x 63 and 2 x 127 x 127 fit)."""
+        return self.reduce_range is None and self.wbits == 8 and self.abits == 8
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d["calib_data"] = str(self.calib_data) if self.calib_data is not None else None
         d["exclude"] = list(self.exclude)
         d["dump_after"] = list(self.dump_after)
-        d["reduce_range"] = self.reduces_range
+        d["reduce_range"] = "auto" if self.bounds_pair_sums else self.reduces_range
         return d
 
 

@@ -90,16 +90,22 @@ class ActivationPlan:
     integer_ops: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
     # groups of tensors that share one set of parameters, from the union of their statistics
     shared: tuple[tuple[str, ...], ...] = ()
+    # {layer: (its input, channel axis)} whose per-channel maxima calibration records: the bound
+    # on the 16-bit pair sums of 8-bit kernels (ocs_onnx/overflow.py), at W8A8 only.
+    channel_peak_inputs: dict[str, tuple[str, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class ActivationStatistics:
     """What calibration observed of every tensor it watched: (min, max), a histogram of the
-    values, and per-channel histograms of the split candidates."""
+    values, per-channel histograms of the split candidates, and per-channel maxima of the layer
+    inputs whose 8-bit pair sums are bounded."""
 
     ranges: dict[str, tuple[float, float]]
     histograms: dict[str, SymmetricHistogram]
     channel_histograms: dict[str, ChannelHistograms]
+    # per-channel maxima of the plan's channel_peak_inputs, {tensor: one value per channel}
+    channel_peaks: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -197,6 +203,8 @@ class WeightScale:
     scale: np.ndarray
     # Scales raised above alpha / qmax so that the layer's int32 bias fits (see clip-weights).
     raised_for_bias: int = 0
+    # Scales raised so that 8-bit kernels cannot overflow their 16-bit pair sums (clip-weights).
+    raised_for_overflow: int = 0
 
 
 @dataclass(frozen=True)

@@ -132,6 +132,7 @@ def layer_entry(view: _LayerView, config: CompileConfig) -> dict:
         "granularity": config.granularity,
         "scale": _scale_value(scale.scale) if scale is not None else None,
         "scales_raised_for_bias": scale.raised_for_bias if scale is not None else 0,
+        "scales_raised_for_overflow": scale.raised_for_overflow if scale is not None else 0,
         "clip": {
             "method": config.wclip,
             "threshold": _scale_value(scale.clip_threshold) if scale is not None else None,
@@ -221,6 +222,7 @@ def build_report(ctx: CompileContext, model_in, output: tuple[int, int]) -> dict
             "split_layers": sum(1 for view in views if view.splits),
             "channels_split": sum(len(view.splits) for view in views),
             "splits_folded": sum(1 for view in views if view.copies and view.copies != "run time"),
+            "scales_raised_for_overflow": sum(view.scale.raised_for_overflow for view in views if view.scale is not None),
             "activations_split": len(activation_splits),
             "activation_channels_split": sum(len(s.channels) for s in activation_splits.values()),
             "quantized_weights_before": weights_before,
@@ -277,9 +279,14 @@ def summary_text(report: dict) -> str:
     if any(layer["not_split_reason"] for layer in report["layers"]):
         lines.append("  no* = not splittable (reason in the JSON report)")
     totals = report["totals"]
-    if config["reduce_range"]:
+    if config["reduce_range"] is True:
         lines.append(
-            "8-bit weights use the reduced range +-63 (7-bit grid) so onnxruntime's uint8 x int8 kernels cannot overflow on CPUs without VNNI; --no-reduce-range keeps +-127"
+            "8-bit weights use the reduced range +-63 (7-bit grid) everywhere (--reduce-range); without it, only the rows whose 16-bit pair sums could overflow get a coarser scale"
+        )
+    elif config["reduce_range"] == "auto" and totals["scales_raised_for_overflow"]:
+        lines.append(
+            f"{totals['scales_raised_for_overflow']} weight scales raised (coarser grid) so that onnxruntime's uint8 x int8 kernels cannot overflow "
+            "their 16-bit pair sums on CPUs without VNNI; --no-reduce-range keeps the full +-127 grid"
         )
     abits = "none" if config["abits"] is None else config["abits"]
     lines.append(

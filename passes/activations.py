@@ -119,7 +119,16 @@ def plan_activations(graph: gs.Graph, ctx: CompileContext) -> None:
         constants={name: tuple(nodes) for name, nodes in placement.constants.items()},
         integer_ops=placement.integer_ops,
         shared=tuple(placement.shared),
+        channel_peak_inputs=_channel_peak_inputs(layers) if ctx.config.bounds_pair_sums else {},
     )
+
+
+def _channel_peak_inputs(layers: list[Layer]) -> dict[str, tuple[str, int]]:
+    return {
+        layer.name: (layer.node.inputs[0].name, layer.input_channel_axis)
+        for layer in layers
+        if _is_float(layer.node.inputs[0])
+    }
 
 
 def _split_candidates(

@@ -99,7 +99,8 @@ def calibrate(graph: gs.Graph, ctx: CompileContext) -> None:
     fixed_batch = any(s.batch_dim is not None for s in specs)
     if fixed_batch:
         batches = (feed for feed in batches if next(iter(feed.values())).shape[0] == batch)
-    names = sorted(set(plan.tensors.values()))
+    peak_axes = dict(plan.channel_peak_inputs.values())
+    names = sorted(set(plan.tensors.values()) | set(peak_axes))
     result = observe_ranges(
         model,
         names,
@@ -109,9 +110,12 @@ def calibrate(graph: gs.Graph, ctx: CompileContext) -> None:
         channel_layouts=plan.split_candidates,
         synthetic_feed=synthetic_feed,
         constants=constants,
+        peak_axes=peak_axes,
     )
     if result.samples == 0:
         raise CalibrationDataError(f"no calibration samples could be used (the model needs batches of exactly {batch})")
-    ctx.facts[ACTIVATION_STATISTICS] = ActivationStatistics(result.ranges, result.histograms, result.channel_histograms)
+    ctx.facts[ACTIVATION_STATISTICS] = ActivationStatistics(
+        result.ranges, result.histograms, result.channel_histograms, result.channel_peaks
+    )
     summary = {"source": source, "samples": result.samples, "batch": batch, "observed_tensors": len(names)}
     ctx.facts[CALIBRATION] = Calibration(summary, result.reference)

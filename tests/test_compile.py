@@ -233,19 +233,6 @@ def test_without_calibration_data_synthetic_inputs_are_used_and_reported():
     assert any("synthetic" in w for w in report["warnings"])
 
 
-def test_w8a8_uses_a_reduced_weight_grid_so_uint8_by_int8_kernels_cannot_overflow():
-    def largest_level(**options):
-        quantized, report = ocs_onnx.compile(builders.mlp_gemm(), wbits=8, **options)
-        levels = [onnx.numpy_helper.to_array(t) for t in quantized.graph.initializer if t.name.endswith("_int8")]
-        return max(int(np.abs(v).max()) for v in levels), report
-
-    level, report = largest_level(abits=8)
-    assert level == 63 and report["config"]["reduce_range"] and report["layers"][0]["bits"] == 7
-    assert largest_level(abits=8, reduce_range=False)[0] == 127
-    assert largest_level(abits=None)[0] == 127  # weight-only: no integer kernels, full grid
-    assert largest_level(abits=6)[0] == 127  # 2 x 63 x 127 cannot overflow 16 bits
-
-
 def test_kernel_disagreement_is_blamed_on_overflow_only_where_overflow_is_possible():
     from ocs_onnx.passes.verify import kernel_disagreement_hint
 
