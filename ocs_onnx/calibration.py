@@ -502,11 +502,13 @@ def observe_ranges(
     synthetic_feed: Callable[[int], dict[str, np.ndarray]] | None = None,
     constants: dict[str, np.ndarray] | None = None,
     peak_axes: dict[str, int] | None = None,
+    grams: list | None = None,
 ) -> CalibrationResult:
     """Runs ``model`` on every batch: the range of every tensor, the sample count, and the first
     batch with the model's outputs on it (the reference the quantized model is checked against).
     Tensors in ``channel_layouts`` ({name: (channel axis, channels)}) also get per-channel
-    histograms, and tensors in ``peak_axes`` ({name: channel axis}) per-channel maxima.
+    histograms, and tensors in ``peak_axes`` ({name: channel axis}) per-channel maxima; every
+    ``InputGram`` in ``grams`` is updated with the tensor it reads (``ocs_onnx/hessian.py``).
 
     A batch the model cannot run on is the data's fault (CalibrationDataError) only if the model
     runs on synthetic inputs of the same size, ``synthetic_feed(rows)``; otherwise, and always
@@ -546,11 +548,13 @@ def observe_ranges(
                 raise _run_failure(
                     calibration_session, outputs, specs, constants, synthetic_feed, _rows(part), index, exc
                 )
-            for name, value in zip(fetched, values):
+            observed = dict(zip(fetched, values))
+            observed.update({name: part[name] for name in tensor_names if name in input_names})
+            for name, value in observed.items():
                 observers[name].update(value)
-            for name in tensor_names:
-                if name in input_names:
-                    observers[name].update(part[name])
+            for gram in grams or ():
+                if gram.layout.tensor in observed:
+                    gram.update(observed[gram.layout.tensor])
             run_outputs = dict(zip(outputs, values[len(fetched) :]))
             if chunk is None:
                 per_sample = sum(v.nbytes for v in values[: len(fetched)]) / max(_rows(part), 1)

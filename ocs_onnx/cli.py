@@ -18,7 +18,7 @@ import click
 
 from . import __version__, bus_error, owned
 from .clip import CLIP_METHODS
-from .config import ACTIVATION_TYPES, GRANULARITIES, SPLIT_MODES, CompileConfig
+from .config import ACTIVATION_TYPES, GRANULARITIES, ROUNDINGS, SPLIT_MODES, CompileConfig
 from .errors import INTERNAL, USAGE, OcsError, UsageError, first_line, one_line
 from .pass_manager import PassFailure
 from .writing import Publication, default_output_path
@@ -171,6 +171,18 @@ def _option(*flags: str, field: str, **kwargs):
     help="One weight scale per output channel, or per tensor.",
 )
 @_option(
+    "--rounding",
+    field="rounding",
+    type=click.Choice(ROUNDINGS),
+    help="Round weights to the nearest level, or choose them by GPTQ on each layer's calibration inputs "
+    "(lower output error; reads --calib-data).",
+)
+@_option(
+    "--bias-correction/--no-bias-correction",
+    field="bias_correction",
+    help="Correct each layer's bias by the mean output shift its weight rounding causes on the calibration data.",
+)
+@_option(
     "--activation-type",
     field="activation_type",
     type=click.Choice(ACTIVATION_TYPES),
@@ -259,6 +271,8 @@ def compile_command(
     int8_ops,
     int8_error_margin,
     granularity,
+    rounding,
+    bias_correction,
     activation_type,
     wclip,
     aclip,
@@ -299,6 +313,8 @@ def compile_command(
         int8_ops=int8_ops,
         int8_error_margin_db=int8_error_margin,
         granularity=granularity,
+        rounding=rounding,
+        bias_correction=bias_correction,
         activation_type=activation_type,
         wclip=wclip,
         aclip=aclip,

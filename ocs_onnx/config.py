@@ -12,6 +12,9 @@ from .quant import MAX_BITS, MIN_BITS
 SPLIT_MODES = ("qa", "naive")
 GRANULARITIES = ("channel", "tensor")
 ACTIVATION_TYPES = ("uint8", "int8")
+# How weights are rounded to their grid: to the nearest level, or by GPTQ on each layer's
+# calibration inputs (ocs_onnx/hessian.py).
+ROUNDINGS = ("nearest", "hessian")
 
 
 # --min-split-gain auto: the gain a split must bring at 6 weight bits and more.
@@ -44,6 +47,10 @@ class CompileConfig:
     # time. False: always a Concat of Slices at run time.
     fold_ocs_copies: bool = True
     granularity: str = "channel"
+    # Weight rounding (ROUNDINGS), and bias correction: the bias absorbs the mean output shift
+    # the rounding caused on the calibration data. Both read each layer's calibration inputs.
+    rounding: str = "nearest"
+    bias_correction: bool = False
     # Quantize, beyond the layers, the ops onnxruntime runs as integer kernels (residual Adds,
     # SE Muls, pooling, Concat, Sigmoid, and the data movement between them: ocs_onnx/placement.py).
     # Only with 8-bit activations: below, onnxruntime has no kernels for them.
@@ -96,6 +103,7 @@ class CompileConfig:
         _check_choice("--split", self.split, SPLIT_MODES)
         _check_choice("--granularity", self.granularity, GRANULARITIES)
         _check_choice("--activation-type", self.activation_type, ACTIVATION_TYPES)
+        _check_choice("--rounding", self.rounding, ROUNDINGS)
         _check_choice("--wclip", self.wclip, CLIP_METHODS)
         _check_choice("--aclip", self.aclip, CLIP_METHODS)
         if (
@@ -121,6 +129,11 @@ class CompileConfig:
             object.__setattr__(self, "calib_data", Path(self.calib_data))
         object.__setattr__(self, "exclude", tuple(self.exclude))
         object.__setattr__(self, "dump_after", tuple(self.dump_after))
+
+    @property
+    def reads_layer_inputs(self) -> bool:
+        """Calibration gathers each layer's input statistics (Hessians, means)."""
+        return self.rounding == "hessian" or self.bias_correction
 
     @property
     def split_gain_db(self) -> float:

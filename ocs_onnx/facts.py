@@ -21,6 +21,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .calibration import ReferenceBatch
+from .hessian import InputGram, InputLayout
 from .histogram import ChannelHistograms, SymmetricHistogram
 from .quant import ActivationQParams
 
@@ -93,6 +94,9 @@ class ActivationPlan:
     # {layer: (its input, channel axis)} whose per-channel maxima calibration records: the bound
     # on the 16-bit pair sums of 8-bit kernels (ocs_onnx/overflow.py), at W8A8 only.
     channel_peak_inputs: dict[str, tuple[str, int]] = field(default_factory=dict)
+    # {layer: how it reads its input as rows of features} whose Gram matrix and mean calibration
+    # gathers (--rounding hessian, --bias-correction; ocs_onnx/hessian.py)
+    input_layouts: dict[str, InputLayout] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -272,6 +276,21 @@ ACTIVATION_CLIPPING = Fact("activation-clipping", Binding.NAMES, "ActivationClip
 QA_ACTIVATION_OFFSETS = Fact("qa-activation-offsets", Binding.NONE, "marker: split activations hold their offsets")
 QUANTIZED_ACTIVATIONS = Fact("quantized-activations", Binding.NONE, "marker: Q/DQ on activations, int32 biases")
 VERIFICATION = Fact("verification", Binding.NONE, "dict: what onnxruntime runs, how close it is to float")
+LAYER_INPUTS = Fact("layer-input-statistics", Binding.NAMES, "dict[str, InputGram]: Gram matrix and mean of layer inputs")
+WEIGHT_LEVELS = Fact("weight-levels", Binding.NAMES, "dict[str, WeightLevels]: weights rounded from their inputs")
+
+
+@dataclass(frozen=True)
+class WeightLevels:
+    """A layer's weight levels as round-weights chose them (the weight's shape; None: nearest
+    rounding, which quantize-weights does), why not by its inputs where it was asked to be, and
+    the output error on the calibration inputs against nearest rounding's (a ratio; None
+    without those inputs)."""
+
+    levels: np.ndarray | None
+    rounding: str
+    output_error_vs_nearest: float | None = None
+    bias_corrected: bool = False
 
 
 @dataclass(frozen=True)
@@ -297,6 +316,8 @@ __all__ = [
     "Calibration",
     "Fact",
     "Layer",
+    "InputGram",
+    "WeightLevels",
     "WeightQuality",
     "WeightScale",
     "WeightSplit",

@@ -22,11 +22,13 @@ from .facts import (
     KEPT_FLOAT,
     LAYERS,
     VERIFICATION,
+    WEIGHT_LEVELS,
     WEIGHT_QUALITY,
     WEIGHT_SCALES,
     WEIGHT_SPLITS,
     ActivationSplits,
     Layer,
+    WeightLevels,
     WeightQuality,
     WeightScale,
     WeightSplit,
@@ -73,6 +75,7 @@ class _LayerView:
     split: WeightSplit | None
     scale: WeightScale | None
     quality: WeightQuality | None
+    levels: WeightLevels | None = None
 
     @property
     def splits(self) -> list[int]:
@@ -108,6 +111,7 @@ def _layer_views(facts: Facts) -> list[_LayerView]:
                 weight_splits.layers[layer.name] if weight_splits is not None else None,
                 scales.get(layer.name),
                 qualities.get(layer.name),
+                facts.get(WEIGHT_LEVELS, {}).get(layer.name),
             )
         )
     return views
@@ -133,6 +137,9 @@ def layer_entry(view: _LayerView, config: CompileConfig) -> dict:
         "scale": _scale_value(scale.scale) if scale is not None else None,
         "scales_raised_for_bias": scale.raised_for_bias if scale is not None else 0,
         "scales_raised_for_overflow": scale.raised_for_overflow if scale is not None else 0,
+        "rounding": view.levels.rounding if view.levels is not None else "nearest",
+        "output_error_vs_nearest": _round(view.levels.output_error_vs_nearest) if view.levels is not None else None,
+        "bias_corrected": bool(view.levels.bias_corrected) if view.levels is not None else False,
         "clip": {
             "method": config.wclip,
             "threshold": _scale_value(scale.clip_threshold) if scale is not None else None,

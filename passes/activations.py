@@ -30,6 +30,7 @@ import onnx_graphsurgeon as gs
 
 from ocs_onnx.context import CompileContext
 from ocs_onnx.facts import ACTIVATION_PLAN, HARDSWISH_FUSED, LAYERS, TENSOR_TYPES, ActivationPlan, Layer
+from ocs_onnx.hessian import InputLayout
 from ocs_onnx.pass_manager import compiler_pass
 from ocs_onnx.placement import Placement, passes_through, place_integer_ops
 
@@ -85,10 +86,11 @@ def plan_activations(graph: gs.Graph, ctx: CompileContext) -> None:
     """Which activations get QuantizeLinear/DequantizeLinear pairs (layer inputs, Conv outputs,
     and with `--int8-ops` the ops onnxruntime runs as integer kernels between them); with
     `--act-ratio`, which of them activation OCS may split."""
-    if ctx.config.abits is None:
-        ctx.facts[ACTIVATION_PLAN] = ActivationPlan({})
-        return
     layers = ctx.facts[LAYERS]
+    layouts = input_layouts(layers) if ctx.config.reads_layer_inputs else {}
+    if ctx.config.abits is None:
+        ctx.facts[ACTIVATION_PLAN] = ActivationPlan({}, input_layouts=layouts)
+        return
     graph_outputs = {t.name for t in graph.outputs}
     planned: dict[str, str] = {}
     for layer in layers:
@@ -120,7 +122,32 @@ def plan_activations(graph: gs.Graph, ctx: CompileContext) -> None:
         integer_ops=placement.integer_ops,
         shared=tuple(placement.shared),
         channel_peak_inputs=_channel_peak_inputs(layers) if ctx.config.bounds_pair_sums else {},
+        input_layouts=layouts,
     )
+
+
+def input_layouts(layers: list[Layer]) -> dict[str, InputLayout]:
+    """How each layer reads its input as rows of features, where ocs_onnx/hessian.py knows how:
+    the last axis of a Gemm's or MatMul's input, a 2-D Conv's im2col patches (group 1)."""
+    layouts = {}
+    for layer in layers:
+        node, x = layer.node, layer.node.inputs[0]
+        if not _is_float(x):
+            continue
+        if layer.op in ("Gemm", "MatMul") and not node.attrs.get("transA", 0) and layer.input_channel_axis in (-1, len(x.shape or [0, 0]) - 1):
+            layouts[layer.name] = InputLayout(x.name, "rows")
+        elif layer.op == "Conv" and node.attrs.get("group", 1) == 1 and layer.model_weight.ndim == 4:
+            pads = tuple(node.attrs.get("pads", (0, 0, 0, 0)))
+            if node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID") or len(pads) != 4:
+                continue  # SAME padding: where the pads go depends on the input size
+            layouts[layer.name] = InputLayout(
+                x.name, "conv2d",
+                kernel=tuple(layer.model_weight.shape[2:]),
+                strides=tuple(node.attrs.get("strides", (1, 1))),
+                pads=pads,
+                dilations=tuple(node.attrs.get("dilations", (1, 1))),
+            )  # fmt: skip
+    return layouts
 
 
 def _channel_peak_inputs(layers: list[Layer]) -> dict[str, tuple[str, int]]:

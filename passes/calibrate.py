@@ -20,8 +20,16 @@ from ocs_onnx.calibration import (
 )
 from ocs_onnx.context import CompileContext, log
 from ocs_onnx.errors import CalibrationDataError
-from ocs_onnx.facts import ACTIVATION_PLAN, ACTIVATION_STATISTICS, CALIBRATION, ActivationStatistics, Calibration
+from ocs_onnx.facts import (
+    ACTIVATION_PLAN,
+    ACTIVATION_STATISTICS,
+    CALIBRATION,
+    LAYER_INPUTS,
+    ActivationStatistics,
+    Calibration,
+)
 from ocs_onnx.gs_adapter import constant_array, graph_skeleton
+from ocs_onnx.hessian import InputGram
 from ocs_onnx.pass_manager import compiler_pass
 
 
@@ -49,16 +57,19 @@ def _progress(total: int):
     return show
 
 
-@compiler_pass("calibrate", requires=(ACTIVATION_PLAN,), produces=(ACTIVATION_STATISTICS, CALIBRATION))
+@compiler_pass("calibrate", requires=(ACTIVATION_PLAN,), produces=(ACTIVATION_STATISTICS, CALIBRATION, LAYER_INPUTS))
 def calibrate(graph: gs.Graph, ctx: CompileContext) -> None:
     """The float model runs in onnxruntime on the calibration data: running min/max and a
-    streaming histogram per tensor (per channel for activation OCS candidates)."""
+    streaming histogram per tensor (per channel for activation OCS candidates; with `--rounding
+    hessian` or `--bias-correction`, each layer's input Gram matrix and mean)."""
     config = ctx.config
-    if config.abits is None:
+    plan = ctx.facts[ACTIVATION_PLAN]
+    grams = {layer: InputGram(layout, config.seed) for layer, layout in plan.input_layouts.items()}
+    ctx.facts[LAYER_INPUTS] = grams
+    if config.abits is None and not grams:
         ctx.facts[CALIBRATION] = Calibration({"source": "none (weight-only quantization)", "samples": 0}, None)
         ctx.facts[ACTIVATION_STATISTICS] = ActivationStatistics({}, {}, {})
         return
-    plan = ctx.facts[ACTIVATION_PLAN]
     # The model without its large weights: onnxruntime reads them from the arrays the graph
     # holds (mapped from the input's data file, say) instead of from a copy.
     model, left_out = graph_skeleton(graph)
@@ -100,7 +111,7 @@ def calibrate(graph: gs.Graph, ctx: CompileContext) -> None:
     if fixed_batch:
         batches = (feed for feed in batches if next(iter(feed.values())).shape[0] == batch)
     peak_axes = dict(plan.channel_peak_inputs.values())
-    names = sorted(set(plan.tensors.values()) | set(peak_axes))
+    names = sorted(set(plan.tensors.values()) | set(peak_axes) | {gram.layout.tensor for gram in grams.values()})
     result = observe_ranges(
         model,
         names,
@@ -111,11 +122,15 @@ def calibrate(graph: gs.Graph, ctx: CompileContext) -> None:
         synthetic_feed=synthetic_feed,
         constants=constants,
         peak_axes=peak_axes,
+        grams=list(grams.values()),
     )
     if result.samples == 0:
         raise CalibrationDataError(f"no calibration samples could be used (the model needs batches of exactly {batch})")
-    ctx.facts[ACTIVATION_STATISTICS] = ActivationStatistics(
-        result.ranges, result.histograms, result.channel_histograms, result.channel_peaks
-    )
+    if config.abits is None:  # only the layers' inputs were wanted
+        ctx.facts[ACTIVATION_STATISTICS] = ActivationStatistics({}, {}, {})
+    else:
+        ctx.facts[ACTIVATION_STATISTICS] = ActivationStatistics(
+            result.ranges, result.histograms, result.channel_histograms, result.channel_peaks
+        )
     summary = {"source": source, "samples": result.samples, "batch": batch, "observed_tensors": len(names)}
     ctx.facts[CALIBRATION] = Calibration(summary, result.reference)

@@ -19,6 +19,7 @@ from ocs_onnx.facts import (
     QUANTIZED_WEIGHTS,
     WEIGHT_QUALITY,
     WEIGHT_SCALES,
+    WEIGHT_LEVELS,
     WEIGHT_SPLITS,
     WeightQuality,
     WeightScale,
@@ -71,10 +72,10 @@ def _dequantize_node(
     return gs.Node("DequantizeLinear", ctx.unique_name(f"{layer_name}_weight_dequantize"), attrs, inputs, [out])
 
 
-@compiler_pass("quantize-weights", requires=(LAYERS, WEIGHT_SPLITS, WEIGHT_SCALES, QA_WEIGHT_OFFSETS),
+@compiler_pass("quantize-weights", requires=(LAYERS, WEIGHT_SPLITS, WEIGHT_SCALES, QA_WEIGHT_OFFSETS, WEIGHT_LEVELS),
                produces=(QUANTIZED_WEIGHTS, WEIGHT_QUALITY), effect=GraphEffect.EDITS)
 def quantize_weights(graph: gs.Graph, ctx: CompileContext) -> None:
-    """Int8 initializers + DequantizeLinear, zero point 0, round half up."""
+    """Int8 initializers + DequantizeLinear, zero point 0, round half up (or round-weights' levels)."""
     bits = ctx.config.weight_bits
     splits, scales = ctx.facts[WEIGHT_SPLITS].layers, ctx.facts[WEIGHT_SCALES]
     quality = {}
@@ -82,7 +83,11 @@ def quantize_weights(graph: gs.Graph, ctx: CompileContext) -> None:
     for layer in ctx.facts[LAYERS]:
         split, scale = splits[layer.name], scales[layer.name]
         axis = scale_axis(layer, ctx.config.granularity)
-        q = quantize_symmetric(split.constant.values, scale.scale, bits, axis)
+        chosen = ctx.facts[WEIGHT_LEVELS].get(layer.name)
+        if chosen is not None and chosen.levels is not None:
+            q = chosen.levels  # round-weights chose them from the layer's inputs
+        else:
+            q = quantize_symmetric(split.constant.values, scale.scale, bits, axis)
         quality[layer.name] = weight_quality(split, scale, layer.weight_in_axis, layer.weight_out_axis, q, axis, ctx)
         key = id(split.constant)
         if key not in done:

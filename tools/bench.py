@@ -55,10 +55,28 @@ class BenchModel:
     name: str
     model: Path
     calibration: Path
-    # model path -> {metric: value}; the first metric is the headline.
-    evaluate: Callable[[Path], dict[str, float]]
+    # model (path, ModelProto, or an onnxruntime session of it) -> {metric: value}; the first
+    # metric is the headline.
+    evaluate: Callable[[Path | onnx.ModelProto | ort.InferenceSession], dict[str, float]]
     # One input feed for latency measurements.
     latency_feed: dict[str, np.ndarray]
+
+
+def _session(model) -> ort.InferenceSession:
+    """A session of a model given as a path, a ModelProto or a session (returned as it is)."""
+    if isinstance(model, ort.InferenceSession):
+        return model
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+
+
+def qdq_arithmetic_session(path: Path) -> ort.InferenceSession:
+    """A session that runs the model's QDQ arithmetic as written (DequantizeLinear, the float op,
+    QuantizeLinear; no integer kernels): what the quantized model means, whatever the CPU."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def demo() -> BenchModel:
@@ -67,9 +85,8 @@ def demo() -> BenchModel:
     with np.load(digits.EVALUATION) as data:
         images, labels = data["image"], data["label"]
 
-    def evaluate(path: Path) -> dict[str, float]:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        logits = session.run(None, {"image": images})[0]
+    def evaluate(model) -> dict[str, float]:
+        logits = _session(model).run(None, {"image": images})[0]
         return {"top-1 %": 100 * float(np.mean(logits.argmax(1) == labels))}
 
     return BenchModel("digits CNN (demo)", digits.MODEL, digits.CALIBRATION, evaluate, {"image": images[:64]})
@@ -92,8 +109,8 @@ def ppocrv5(task: str, work: Path) -> BenchModel:
     calibration = ocr.save_calibration(work / f"{task}_calib.npz", ocr.dataset(task, "calib"))
     evaluation = ocr.dataset(task, "eval")
 
-    def evaluate(path: Path) -> dict[str, float]:
-        result = ocr.evaluate(str(path), evaluation)
+    def evaluate(model) -> dict[str, float]:
+        result = ocr.evaluate(_session(model), evaluation)
         return {label: 100 * float(result[key]) for label, key in OCR_METRICS[task].items()}
 
     return BenchModel(f"PP-OCRv5 {task}", model, calibration, evaluate, {ocr.INPUT_NAME: evaluation.inputs[:8]})
@@ -108,8 +125,8 @@ def ddddocr_det(work: Path) -> BenchModel:
     calibration = chardet.save_calibration(work / "chardet_calib.npz", chardet.dataset("calib"))
     evaluation = chardet.dataset("eval")
 
-    def evaluate(path: Path) -> dict[str, float]:
-        result = chardet.evaluate(str(path), evaluation)
+    def evaluate(model) -> dict[str, float]:
+        result = chardet.evaluate(_session(model), evaluation)
         return {label: 100 * float(result[key]) for label, key in OCR_METRICS["det"].items()}
 
     # The model's batch dimension is fixed at 1: one image is the whole feed.

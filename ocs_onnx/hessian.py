@@ -1,0 +1,164 @@
+"""Hessian-aware rounding (GPTQ/OBQ, Frantar et al. 2022) and bias correction, from streaming
+statistics of each layer's input.
+
+A layer computes ``y = W x`` row by row, with ``x`` one row of its input features: a Gemm or
+MatMul row, or a Conv's im2col patch (input channel, kernel row, kernel column, in the order
+of the weight's own layout). Rounding W to the grid adds the output error ``(W - Q) x``; over
+the calibration data its square is ``tr((W - Q) H (W - Q)^T)`` with ``H = sum x x^T``. GPTQ
+rounds one input column at a time and moves the rounding error of that column onto the columns
+not yet rounded, along H's inverse, so that the output error, not the weight error, is what
+the rounding keeps small. Memory is H's (features squared), whatever the number of samples:
+``InputGram`` adds every calibration batch into it and forgets the batch.
+
+Bias correction then adds ``(W - Q) E[x]`` to the bias: the mean shift of every output channel
+that the rounding caused, so that the quantized layer's mean output is the float layer's on the
+calibration data (Nagel et al. 2019; Banner et al. 2019).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .quant import expand_to, symmetric_qmax
+
+# Input rows a calibration sample adds at most (a Conv's output positions, a sequence's steps),
+# drawn at random without replacement: H needs many more rows than features, not every one.
+ROWS_PER_SAMPLE = 256
+# GPTQ's dampening: this fraction of H's mean diagonal is added to the diagonal, so that H is
+# invertible (features that never vary, duplicated OCS channels) and the feedback stays tame.
+DAMPENING = 0.01
+BLOCK = 128
+
+
+@dataclass(frozen=True)
+class InputLayout:
+    """How a layer reads its input as rows of features. ``kind`` "rows": the last axis holds the
+    features (Gemm, MatMul); "conv2d": im2col patches of a 2-D Conv with group 1."""
+
+    tensor: str
+    kind: str
+    kernel: tuple[int, int] = (1, 1)
+    strides: tuple[int, int] = (1, 1)
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)  # begin h, begin w, end h, end w
+    dilations: tuple[int, int] = (1, 1)
+
+
+def conv_patches(x: np.ndarray, layout: InputLayout, rng: np.random.Generator, per_sample: int) -> np.ndarray:
+    """Up to ``per_sample`` im2col patches of every sample of ``x`` (N, C, H, W), drawn at random
+    output positions, as rows of C x kh x kw features."""
+    n, c, h, w = x.shape
+    (kh, kw), (sh, sw), (dh, dw) = layout.kernel, layout.strides, layout.dilations
+    top, left, bottom, right = layout.pads
+    padded = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    out_h = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
+    out_w = (w + left + right - dw * (kw - 1) - 1) // sw + 1
+    positions = out_h * out_w
+    if positions <= 0:
+        return np.zeros((0, c * kh * kw))
+    take = min(per_sample, positions)
+    chosen = np.concatenate([np.sort(rng.choice(positions, take, replace=False)) + i * positions for i in range(n)])
+    sample, position = np.divmod(chosen, positions)
+    oy, ox = np.divmod(position, out_w)
+    ys = oy[:, None] * sh + np.arange(kh)[None, :] * dh  # (R, kh)
+    xs = ox[:, None] * sw + np.arange(kw)[None, :] * dw  # (R, kw)
+    patches = padded[sample[:, None, None, None], np.arange(c)[None, :, None, None], ys[:, None, :, None], xs[:, None, None, :]]
+    return patches.reshape(len(chosen), c * kh * kw)
+
+
+class InputGram:
+    """``sum x x^T``, ``sum x`` and the row count of a layer's input rows, batch by batch."""
+
+    def __init__(self, layout: InputLayout, seed: int, per_sample: int = ROWS_PER_SAMPLE):
+        self.layout = layout
+        self.per_sample = per_sample
+        self.rng = np.random.default_rng(seed)
+        self.gram: np.ndarray | None = None
+        self.total: np.ndarray | None = None
+        self.rows = 0
+
+    def update(self, values: np.ndarray) -> None:
+        values = np.asarray(values, dtype=np.float64)
+        if self.layout.kind == "conv2d":
+            if values.ndim != 4:
+                return
+            rows = conv_patches(values, self.layout, self.rng, self.per_sample)
+        else:
+            samples = values.shape[0] if values.ndim > 1 else 1
+            rows = values.reshape(-1, values.shape[-1])
+            take = min(len(rows), self.per_sample * samples)
+            if take < len(rows):
+                rows = rows[np.sort(self.rng.choice(len(rows), take, replace=False))]
+        if not np.isfinite(rows).all():
+            rows = np.where(np.isfinite(rows), rows, 0.0)
+        if self.gram is None:
+            self.gram = np.zeros((rows.shape[1], rows.shape[1]))
+            self.total = np.zeros(rows.shape[1])
+        if rows.shape[1] != self.gram.shape[0]:
+            return
+        self.gram += rows.T @ rows
+        self.total += rows.sum(axis=0)
+        self.rows += len(rows)
+
+    @property
+    def mean(self) -> np.ndarray | None:
+        return None if self.total is None or self.rows == 0 else self.total / self.rows
+
+
+def hessian_levels(
+    rows: np.ndarray, gram: np.ndarray, scale: np.ndarray, bits: int, dampening: float = DAMPENING
+) -> np.ndarray:
+    """GPTQ: the integer levels (rows x features, within +-qmax) of the weight ``rows`` (one per
+    output channel) on the fixed grid ``scale`` (one per row, or one for all), chosen column by
+    column with the rounding error fed back onto the columns after it through ``gram``'s
+    inverse. Round half up, as nearest rounding does."""
+    qmax = symmetric_qmax(bits)
+    w = np.array(rows, dtype=np.float64)
+    s = expand_to(np.asarray(scale, dtype=np.float64), 2, 0 if np.ndim(scale) else None)
+    s = np.broadcast_to(s, (w.shape[0], 1))
+    upper = _inverse_cholesky(gram, dampening)
+    levels = np.zeros(w.shape, dtype=np.int64)
+    features = w.shape[1]
+    for start in range(0, features, BLOCK):
+        end = min(start + BLOCK, features)
+        block = w[:, start:end].copy()
+        errors = np.zeros_like(block)
+        u = upper[start:end, start:end]
+        for j in range(end - start):
+            column = block[:, j : j + 1]
+            q = np.clip(np.floor(column / s + 0.5), -qmax, qmax)
+            levels[:, start + j] = q[:, 0]
+            error = (column - q * s) / u[j, j]
+            block[:, j:] -= error @ u[j : j + 1, j:]
+            errors[:, j : j + 1] = error
+        w[:, end:] -= errors @ upper[start:end, end:]
+    return levels
+
+
+def _inverse_cholesky(gram: np.ndarray, dampening: float) -> np.ndarray:
+    """The upper Cholesky factor of the dampened ``gram``'s inverse (GPTQ's ``Hinv``). Features
+    that never varied (zero diagonal) get a unit diagonal: nothing is fed onto them."""
+    h = np.array(gram, dtype=np.float64)
+    diagonal = np.diag(h).copy()
+    dead = diagonal <= 0
+    h[dead, :] = 0.0
+    h[:, dead] = 0.0
+    h[dead, dead] = 1.0
+    mean = float(np.mean(np.diag(h)))
+    for attempt in range(6):
+        damped = h + np.eye(len(h)) * dampening * mean * (10.0**attempt)
+        try:
+            inverse = np.linalg.inv(np.linalg.cholesky(damped))  # L^-1, with damped = L L^T
+            return np.linalg.cholesky(inverse.T @ inverse).T
+        except np.linalg.LinAlgError:
+            continue
+    raise np.linalg.LinAlgError("the input statistics give no positive definite Hessian")
+
+
+def output_error(rows: np.ndarray, levels: np.ndarray, scale: np.ndarray, gram: np.ndarray) -> float:
+    """``tr((W - Q) H (W - Q)^T)``: the squared output error of rounding ``rows`` to ``levels``
+    over the rows whose ``gram`` this is."""
+    s = np.broadcast_to(expand_to(np.asarray(scale, dtype=np.float64), 2, 0 if np.ndim(scale) else None), (rows.shape[0], 1))
+    delta = np.asarray(rows, dtype=np.float64) - levels * s
+    return float(np.einsum("od,de,oe->", delta, gram, delta))

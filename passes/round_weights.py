@@ -1,0 +1,132 @@
+"""round-weights: with ``--rounding hessian``, every layer's weight levels are chosen by GPTQ
+on the Gram matrix of its calibration inputs (``ocs_onnx/hessian.py``) instead of rounded to the
+nearest level; with ``--bias-correction``, its bias absorbs the mean output shift the rounding
+causes on those inputs.
+
+The grid is clip-weights' (the scales, and the overflow bound, are not touched). A split layer
+reads its input with copies of the split channels: its Gram matrix is the input's with those
+channels' rows and columns repeated, so the piece rounded second sees the first piece's rounding
+error, perfectly correlated, and absorbs it, as the quantization-aware split does by
+construction (paper eq. 6).
+
+A layer stays on nearest rounding (said in the report) where its inputs cannot be read as rows
+(a grouped Conv, SAME padding), where activation OCS rescaled its input channels, or where its
+weight is shared with another layer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ocs_onnx.context import CompileContext
+from ocs_onnx.facts import (
+    ACTIVATION_SPLITS,
+    LAYER_INPUTS,
+    LAYERS,
+    QA_WEIGHT_OFFSETS,
+    WEIGHT_LEVELS,
+    WEIGHT_SCALES,
+    WEIGHT_SPLITS,
+    Layer,
+    WeightLevels,
+    WeightSplit,
+)
+from ocs_onnx.hessian import InputGram, hessian_levels, output_error
+from ocs_onnx.pass_manager import GraphEffect, compiler_pass
+from ocs_onnx.quant import quantize_symmetric
+from ocs_onnx.weights import scale_axis
+
+
+def _as_rows(w: np.ndarray, layer: Layer) -> tuple[np.ndarray, tuple[int, ...]]:
+    """The weight as rows of the features the layer multiplies them with (output channels
+    first, then the input layout: channel, kernel row, kernel column), and the moved shape."""
+    moved = np.moveaxis(w, layer.weight_out_axis, 0)
+    return moved.reshape(moved.shape[0], -1), moved.shape
+
+
+def _from_rows(rows: np.ndarray, moved_shape: tuple[int, ...], layer: Layer) -> np.ndarray:
+    return np.moveaxis(rows.reshape(moved_shape), 0, layer.weight_out_axis)
+
+
+def _feature_origins(split: WeightSplit, moved_shape: tuple[int, ...]) -> np.ndarray:
+    """For every feature of the (split) weight's rows, the feature of the layer's original input
+    it multiplies: a split channel's piece multiplies its original's values."""
+    origins = np.asarray(split.channel_origins)
+    positions = int(np.prod(moved_shape[2:]))
+    return (origins[:, None] * positions + np.arange(positions)[None, :]).reshape(-1)
+
+
+def _why_nearest(layer: Layer, gram: InputGram | None, shared: bool, copied: bool, features: int) -> str | None:
+    if gram is None:
+        return "nearest (its input is not read as rows: a grouped Conv, SAME padding, or a transposed input)"
+    if shared:
+        return "nearest (its weight is shared with another layer)"
+    if copied:
+        return "nearest (activation OCS rescaled its input channels)"
+    if gram.gram is None or gram.rows == 0 or features == 0:
+        return "nearest (no calibration inputs reached it)"
+    return None
+
+
+@compiler_pass("round-weights", requires=(LAYERS, WEIGHT_SPLITS, WEIGHT_SCALES, QA_WEIGHT_OFFSETS, ACTIVATION_SPLITS,
+                                          LAYER_INPUTS), produces=(WEIGHT_LEVELS,), effect=GraphEffect.EDITS)
+def round_weights(graph: gs.Graph, ctx: CompileContext) -> None:
+    """`--rounding hessian`: weight levels chosen by GPTQ on each layer's calibration inputs;
+    `--bias-correction`: the bias absorbs the mean output shift of the rounding"""
+    config = ctx.config
+    chosen: dict[str, WeightLevels] = {}
+    ctx.facts[WEIGHT_LEVELS] = chosen
+    if not config.reads_layer_inputs:
+        return
+    splits, scales, grams = ctx.facts[WEIGHT_SPLITS].layers, ctx.facts[WEIGHT_SCALES], ctx.facts[LAYER_INPUTS]
+    copied = ctx.facts[ACTIVATION_SPLITS].copied_channels
+    readers: dict[int, int] = {}
+    for layer in ctx.facts[LAYERS]:
+        key = id(splits[layer.name].constant)
+        readers[key] = readers.get(key, 0) + 1
+    bits = config.weight_bits
+    for layer in ctx.facts[LAYERS]:
+        split, scale = splits[layer.name], scales[layer.name].scale
+        gram = grams.get(layer.name)
+        w = split.constant.values
+        rows, moved_shape = _as_rows(w, layer)
+        reason = _why_nearest(layer, gram, readers[id(split.constant)] > 1, bool(copied.get(layer.name)), rows.shape[1])
+        if reason is not None:
+            chosen[layer.name] = WeightLevels(None, reason if config.rounding == "hessian" else "nearest")
+            continue
+        origins = _feature_origins(split, moved_shape)
+        if origins.max(initial=-1) >= gram.gram.shape[0]:
+            chosen[layer.name] = WeightLevels(None, "nearest (its input's layout differs from its weight's)")
+            continue
+        h = gram.gram[np.ix_(origins, origins)]
+        row_scale = scale if scale_axis(layer, config.granularity) is not None else np.asarray(scale)
+        nearest = quantize_symmetric(rows, row_scale[:, None] if np.ndim(row_scale) else row_scale, bits)
+        levels, rounding, ratio = None, "nearest", None
+        if config.rounding == "hessian":
+            hessian = hessian_levels(rows, h, row_scale, bits)
+            base = output_error(rows, nearest, row_scale, h)
+            ratio = output_error(rows, hessian, row_scale, h) / base if base > 0 else 1.0
+            levels, rounding, nearest = _from_rows(hessian, moved_shape, layer), "hessian", hessian
+        corrected = config.bias_correction and _correct_bias(layer, rows, nearest, row_scale, gram.mean[origins], ctx)
+        chosen[layer.name] = WeightLevels(levels, rounding, ratio, corrected)
+        ctx.done_with(split.unsplit)
+
+
+def _correct_bias(layer: Layer, rows, levels, scale, mean: np.ndarray, ctx: CompileContext) -> bool:
+    """Adds E[(W - Q) x] to the layer's bias (a new one where it has none); False where the
+    layer has no bias input that takes one value per output channel (a MatMul)."""
+    node = layer.node
+    if layer.op == "MatMul":
+        return False
+    s = np.asarray(scale, dtype=np.float64)
+    dequantized = levels * (s[:, None] if s.ndim else s)
+    shift = (np.asarray(rows, dtype=np.float64) - dequantized) @ mean
+    if len(node.inputs) >= 3 and node.inputs[2] is not None and node.inputs[2].name:
+        bias = node.inputs[2]
+        if not isinstance(bias, gs.Constant) or bias.values.shape != shift.shape:
+            return False
+        node.inputs[2] = gs.Constant(ctx.unique_name(f"{bias.name}_corrected"), (bias.values + shift).astype(bias.values.dtype))
+    else:
+        node.inputs.append(gs.Constant(ctx.unique_name(f"{layer.name}_bias_corrected"), shift.astype(np.float32)))
+    return True
