@@ -35,7 +35,8 @@ BLOCK = 128
 @dataclass(frozen=True)
 class InputLayout:
     """How a layer reads its input as rows of features. ``kind`` "rows": the last axis holds the
-    features (Gemm, MatMul); "conv2d": im2col patches of a 2-D Conv with group 1."""
+    features (Gemm, MatMul); "conv2d": im2col patches of a 2-D Conv with group 1; "depthwise2d":
+    a depthwise 2-D Conv's patches, one channel each (one Gram matrix per channel)."""
 
     tensor: str
     kind: str
@@ -80,6 +81,10 @@ class InputGram:
 
     def update(self, values: np.ndarray) -> None:
         values = np.asarray(values, dtype=np.float64)
+        if self.layout.kind == "depthwise2d":
+            if values.ndim == 4:
+                self._update_per_channel(values)
+            return
         if self.layout.kind == "conv2d":
             if values.ndim != 4:
                 return
@@ -100,6 +105,23 @@ class InputGram:
         self.gram += rows.T @ rows
         self.total += rows.sum(axis=0)
         self.rows += len(rows)
+
+    def _update_per_channel(self, values: np.ndarray) -> None:
+        channels = values.shape[1]
+        patches = conv_patches(values, self.layout, self.rng, self.per_sample).reshape(-1, channels, self.positions)
+        patches = np.where(np.isfinite(patches), patches, 0.0)
+        if self.gram is None:
+            self.gram = np.zeros((channels, self.positions, self.positions))
+            self.total = np.zeros((channels, self.positions))
+        if self.gram.shape[0] != channels:
+            return
+        self.gram += np.einsum("rci,rcj->cij", patches, patches)
+        self.total += patches.sum(axis=0)
+        self.rows += len(patches)
+
+    @property
+    def positions(self) -> int:
+        return int(np.prod(self.layout.kernel))
 
     @property
     def mean(self) -> np.ndarray | None:
@@ -136,6 +158,25 @@ def hessian_levels(
     return levels
 
 
+def hessian_levels_per_row(
+    rows: np.ndarray, grams: np.ndarray, scale: np.ndarray, bits: int, dampening: float = DAMPENING
+) -> np.ndarray:
+    """GPTQ for rows that each read their own inputs (a depthwise Conv: row o sees channel o
+    only), with one Gram matrix per row (rows x K x K): every row rounded as ``hessian_levels``
+    rounds one, all rows at once."""
+    qmax = symmetric_qmax(bits)
+    w = np.array(rows, dtype=np.float64)
+    s = np.broadcast_to(np.asarray(scale, dtype=np.float64).reshape(-1), (w.shape[0],))
+    upper = np.stack([_inverse_cholesky(g, dampening) for g in grams])
+    levels = np.zeros(w.shape, dtype=np.int64)
+    for j in range(w.shape[1]):
+        q = np.clip(np.floor(w[:, j] / s + 0.5), -qmax, qmax)
+        levels[:, j] = q
+        error = (w[:, j] - q * s) / upper[:, j, j]
+        w[:, j:] -= error[:, None] * upper[:, j, j:]
+    return levels
+
+
 def _inverse_cholesky(gram: np.ndarray, dampening: float) -> np.ndarray:
     """The upper Cholesky factor of the dampened ``gram``'s inverse (GPTQ's ``Hinv``). Features
     that never varied (zero diagonal) get a unit diagonal: nothing is fed onto them."""
@@ -158,7 +199,9 @@ def _inverse_cholesky(gram: np.ndarray, dampening: float) -> np.ndarray:
 
 def output_error(rows: np.ndarray, levels: np.ndarray, scale: np.ndarray, gram: np.ndarray) -> float:
     """``tr((W - Q) H (W - Q)^T)``: the squared output error of rounding ``rows`` to ``levels``
-    over the rows whose ``gram`` this is."""
+    over the rows whose ``gram`` this is (one K x K for all rows, or one per row)."""
     s = np.broadcast_to(expand_to(np.asarray(scale, dtype=np.float64), 2, 0 if np.ndim(scale) else None), (rows.shape[0], 1))
     delta = np.asarray(rows, dtype=np.float64) - levels * s
+    if gram.ndim == 3:
+        return float(np.einsum("od,ode,oe->", delta, gram, delta))
     return float(np.einsum("od,de,oe->", delta, gram, delta))

@@ -128,7 +128,8 @@ def plan_activations(graph: gs.Graph, ctx: CompileContext) -> None:
 
 def input_layouts(layers: list[Layer]) -> dict[str, InputLayout]:
     """How each layer reads its input as rows of features, where ocs_onnx/hessian.py knows how:
-    the last axis of a Gemm's or MatMul's input, a 2-D Conv's im2col patches (group 1)."""
+    the last axis of a Gemm's or MatMul's input, a 2-D Conv's im2col patches (group 1, or
+    depthwise: one channel per row)."""
     layouts = {}
     for layer in layers:
         node, x = layer.node, layer.node.inputs[0]
@@ -136,12 +137,16 @@ def input_layouts(layers: list[Layer]) -> dict[str, InputLayout]:
             continue
         if layer.op in ("Gemm", "MatMul") and not node.attrs.get("transA", 0) and layer.input_channel_axis in (-1, len(x.shape or [0, 0]) - 1):
             layouts[layer.name] = InputLayout(x.name, "rows")
-        elif layer.op == "Conv" and node.attrs.get("group", 1) == 1 and layer.model_weight.ndim == 4:
+        elif layer.op == "Conv" and layer.model_weight.ndim == 4:
+            group, shape = node.attrs.get("group", 1), layer.model_weight.shape
+            depthwise = group > 1 and shape[1] == 1 and shape[0] == group
             pads = tuple(node.attrs.get("pads", (0, 0, 0, 0)))
-            if node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID") or len(pads) != 4:
-                continue  # SAME padding: where the pads go depends on the input size
+            if (group != 1 and not depthwise) or node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+                continue  # a grouped Conv; SAME padding, where the pads go depends on the input size
+            if len(pads) != 4:
+                continue
             layouts[layer.name] = InputLayout(
-                x.name, "conv2d",
+                x.name, "depthwise2d" if depthwise else "conv2d",
                 kernel=tuple(layer.model_weight.shape[2:]),
                 strides=tuple(node.attrs.get("strides", (1, 1))),
                 pads=pads,

@@ -9,9 +9,10 @@ channels' rows and columns repeated, so the piece rounded second sees the first 
 error, perfectly correlated, and absorbs it, as the quantization-aware split does by
 construction (paper eq. 6).
 
+A depthwise Conv's rows each read one channel: each gets GPTQ on its own channel's Gram matrix.
 A layer stays on nearest rounding (said in the report) where its inputs cannot be read as rows
-(a grouped Conv, SAME padding), where activation OCS rescaled its input channels, or where its
-weight is shared with another layer.
+(a grouped Conv that is not depthwise, SAME padding), where activation OCS rescaled its input
+channels, or where its weight is shared with another layer.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from ocs_onnx.facts import (
     WeightLevels,
     WeightSplit,
 )
-from ocs_onnx.hessian import InputGram, hessian_levels, output_error
+from ocs_onnx.hessian import InputGram, hessian_levels, hessian_levels_per_row, output_error
 from ocs_onnx.pass_manager import GraphEffect, compiler_pass
 from ocs_onnx.quant import quantize_symmetric
 from ocs_onnx.weights import scale_axis
@@ -95,20 +96,31 @@ def round_weights(graph: gs.Graph, ctx: CompileContext) -> None:
         if reason is not None:
             chosen[layer.name] = WeightLevels(None, reason if config.rounding == "hessian" else "nearest")
             continue
-        origins = _feature_origins(split, moved_shape)
-        if origins.max(initial=-1) >= gram.gram.shape[0]:
+        if gram.layout.kind == "depthwise2d":  # row o reads channel o alone: its own Gram matrix
+            origins = np.asarray(list(range(rows.shape[0] - len(split.out_copies))) + list(split.out_copies))
+            in_range = origins.max(initial=-1) < gram.gram.shape[0] and rows.shape[1] == gram.gram.shape[1]
+            h, mean = (gram.gram[origins], gram.mean[origins]) if in_range else (None, None)
+        else:
+            origins = _feature_origins(split, moved_shape)
+            in_range = origins.max(initial=-1) < gram.gram.shape[0]
+            h, mean = (gram.gram[np.ix_(origins, origins)], gram.mean[origins]) if in_range else (None, None)
+        if h is None:
             chosen[layer.name] = WeightLevels(None, "nearest (its input's layout differs from its weight's)")
             continue
-        h = gram.gram[np.ix_(origins, origins)]
         row_scale = scale if scale_axis(layer, config.granularity) is not None else np.asarray(scale)
         nearest = quantize_symmetric(rows, row_scale[:, None] if np.ndim(row_scale) else row_scale, bits)
         levels, rounding, ratio = None, "nearest", None
         if config.rounding == "hessian":
-            hessian = hessian_levels(rows, h, row_scale, bits)
+            gptq = hessian_levels_per_row if h.ndim == 3 else hessian_levels
+            try:
+                hessian = gptq(rows, h, row_scale, bits)
+            except np.linalg.LinAlgError:  # no usable Hessian even dampened: the inputs say nothing
+                chosen[layer.name] = WeightLevels(None, "nearest (its inputs give no positive definite Hessian)")
+                continue
             base = output_error(rows, nearest, row_scale, h)
             ratio = output_error(rows, hessian, row_scale, h) / base if base > 0 else 1.0
             levels, rounding, nearest = _from_rows(hessian, moved_shape, layer), "hessian", hessian
-        corrected = config.bias_correction and _correct_bias(layer, rows, nearest, row_scale, gram.mean[origins], ctx)
+        corrected = config.bias_correction and _correct_bias(layer, rows, nearest, row_scale, mean, ctx)
         chosen[layer.name] = WeightLevels(levels, rounding, ratio, corrected)
         ctx.done_with(split.unsplit)
 
@@ -121,7 +133,8 @@ def _correct_bias(layer: Layer, rows, levels, scale, mean: np.ndarray, ctx: Comp
         return False
     s = np.asarray(scale, dtype=np.float64)
     dequantized = levels * (s[:, None] if s.ndim else s)
-    shift = (np.asarray(rows, dtype=np.float64) - dequantized) @ mean
+    delta = np.asarray(rows, dtype=np.float64) - dequantized
+    shift = (delta * mean).sum(axis=1) if mean.ndim == 2 else delta @ mean  # one mean per row, or one for all
     if len(node.inputs) >= 3 and node.inputs[2] is not None and node.inputs[2].name:
         bias = node.inputs[2]
         if not isinstance(bias, gs.Constant) or bias.values.shape != shift.shape:

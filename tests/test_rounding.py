@@ -126,13 +126,27 @@ def test_hessian_rounding_with_ocs_splits_keeps_the_splits_and_lowers_the_output
     assert _output_error(rounded, model, feed) < _output_error(nearest, model, feed)
 
 
+def test_each_row_of_a_depthwise_layer_is_rounded_on_its_own_channels_inputs():
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=(6, 9))
+    inputs = [_correlated_inputs(rng, 500, 9) for _ in range(6)]  # row o reads channel o alone
+    grams = np.stack([x.T @ x for x in inputs])
+    scale = np.abs(w).max(axis=1) / quant.symmetric_qmax(3)
+    nearest = quant.quantize_symmetric(w, scale[:, None], 3)
+    levels = hessian.hessian_levels_per_row(w, grams, scale, 3)
+    for o in range(6):  # each row is what GPTQ gives that row alone
+        np.testing.assert_array_equal(levels[o], hessian.hessian_levels(w[o : o + 1], grams[o], scale[o : o + 1], 3)[0])
+    assert hessian.output_error(w, levels, scale, grams) < hessian.output_error(w, nearest, scale, grams)
+
+
 def test_layers_hessian_rounding_cannot_reach_stay_nearest_and_say_why(tmp_path):
     model = builders.conv_bn_residual_net(channels=8)
     calib, _ = _calibration(tmp_path, model, samples=16)
     _, report = ocs_onnx.compile(model, wbits=4, rounding="hessian", calib_data=calib)
     roundings = {layer["name"]: layer["rounding"] for layer in report["layers"]}
-    assert "hessian" in roundings.values()
-    assert all(r == "hessian" or r.startswith("nearest (") for r in roundings.values())
+    assert roundings["dw/conv"] == "hessian"  # depthwise: one Gram matrix per channel
+    assert roundings["pw_grouped/conv"].startswith("nearest (") and "grouped" in roundings["pw_grouped/conv"]
+    assert all(r == "hessian" for name, r in roundings.items() if name != "pw_grouped/conv")
 
 
 def test_hessian_rounding_is_deterministic_and_an_unknown_rounding_is_refused():

@@ -1,14 +1,17 @@
-"""ocs-onnx against onnxruntime's own quantizer (quantize_static) on real models.
+"""ocs-onnx against onnxruntime's own quantizer (quantize_static) and NNCF on real models.
 
-    python tools/bench.py [--models demo,ppocrv5-rec,ppocrv5-cls,ppocrv5-det,ddddocr-det] [--quick]
+    python tools/bench.py [--models demo,ppocrv5-rec,ppocrv5-cls,ppocrv5-det,ddddocr-det] [--quick | --w8a8]
                           [--out bench.md] [--json bench.json]
 
 For each model: the float metric, then onnxruntime ``quantize_static`` (QDQ, per-channel, QUInt8
 activations, QInt8 weights; MinMax, Entropy and Percentile calibration; MinMax with
 ``reduce_range``, and MinMax with QInt4 weights; models below opset 13 upgraded to 13 first,
-which per-channel QDQ needs) and ocs-onnx at W8A8, W6A8, W5A8 and W4A8 with OCS ratios 0, 0.01,
+which per-channel QDQ needs), NNCF (``nncf.quantize``, default preset, ``model_type=TRANSFORMER``
+for attention models, on the model after the same upgrade and onnxruntime's ``quant_pre_process``,
+as its users prepare it) and ocs-onnx at W8A8, W6A8, W5A8 and W4A8 with OCS ratios 0, 0.01,
 0.02, 0.05, activations clipped at the default 99.99th percentile and unclipped
-(``--aclip none``) (``--quick``: ratios 0 and 0.02, default clip). Every quantizer runs in a
+(``--aclip none``) (``--quick``: ratios 0 and 0.02, default clip; ``--w8a8``: only the W8A8
+peers and ocs-onnx's default compile). Every quantizer runs in a
 child process on the same model and calibration file, so that its wall time and peak memory
 (the child's max RSS, from wait4) are its own. For every output: the task metric, compile time
 and peak memory as ratios to onnxruntime's MinMax run on the same model in the same run, the
@@ -60,6 +63,8 @@ class BenchModel:
     evaluate: Callable[[Path | onnx.ModelProto | ort.InferenceSession], dict[str, float]]
     # One input feed for latency measurements.
     latency_feed: dict[str, np.ndarray]
+    # Has attention blocks: NNCF is run with model_type=TRANSFORMER, as its users do.
+    transformer: bool = False
 
 
 def _session(model) -> ort.InferenceSession:
@@ -113,7 +118,9 @@ def ppocrv5(task: str, work: Path) -> BenchModel:
         result = ocr.evaluate(_session(model), evaluation)
         return {label: 100 * float(result[key]) for label, key in OCR_METRICS[task].items()}
 
-    return BenchModel(f"PP-OCRv5 {task}", model, calibration, evaluate, {ocr.INPUT_NAME: evaluation.inputs[:8]})
+    feed = {ocr.INPUT_NAME: evaluation.inputs[:8]}
+    # the recognizer's SVTR neck is attention; the detector and classifier are CNNs
+    return BenchModel(f"PP-OCRv5 {task}", model, calibration, evaluate, feed, transformer=task == "rec")
 
 
 def ddddocr_det(work: Path) -> BenchModel:
@@ -202,7 +209,6 @@ def ort_quantize_child(model: str, calibration: str, output: str, method: str, w
     """The body of an onnxruntime quantize_static child (``--ort-child``)."""
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
     from onnxruntime.quantization import quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
         def __init__(self, batch: int):
@@ -217,26 +223,14 @@ def ort_quantize_child(model: str, calibration: str, output: str, method: str, w
             return next(self.feeds, None)
 
     with tempfile.TemporaryDirectory() as folder:
-        prepared = str(Path(folder) / "prepared.onnx")
-        source = onnx.load(model)
         # Batches of 16, or of the model's own batch size where its input fixes one.
-        batch = fixed_batch(source) or 16
-        if _default_opset(source) < PER_CHANNEL_MIN_OPSET:
-            # Per-channel QDQ needs DequantizeLinear's axis (opset 13); at opset 11 quantize_static
-            # writes a model onnxruntime cannot load. Upgrading first is what a user would do
-            # (ocs-onnx upgrades too, in its upgrade-opset pass).
-            model = str(Path(folder) / "upgraded.onnx")
-            onnx.save(onnx.version_converter.convert_version(source, PER_CHANNEL_MIN_OPSET), model)
-        model = os.path.abspath(model)  # the pre-processing runs in another directory
-        # When its symbolic shape inference gives up, it writes sym_shape_infer_temp.onnx (and its
-        # external data) into the current directory: an empty one, deleted right after.
-        with tempfile.TemporaryDirectory() as scratch, _working_directory(scratch):
-            try:
-                quant_pre_process(model, prepared)  # what onnxruntime's documentation asks for before quantizing
-            except Exception:
-                # Its symbolic shape inference gives up on some exports (PP-OCRv5 det); a user would
-                # then skip that step, which leaves ONNX shape inference and graph optimization.
-                quant_pre_process(model, prepared, skip_symbolic_shape=True)
+        batch = fixed_batch(model) or 16
+        # Per-channel QDQ needs DequantizeLinear's axis (opset 13): at opset 11 quantize_static
+        # writes a model onnxruntime cannot load; upgrading first is what a user would do (and
+        # what ocs-onnx's upgrade-opset pass does). quant_pre_process is what onnxruntime's
+        # documentation asks for before quantizing; where its symbolic shape inference gives up
+        # (PP-OCRv5 det), a user skips that step.
+        prepared = _prepared(model, folder)
         quantize_static(
             prepared,
             output,
@@ -249,6 +243,52 @@ def ort_quantize_child(model: str, calibration: str, output: str, method: str, w
             reduce_range=reduce == "True",
         )
     return 0
+
+
+def _prepared(model: str, folder: str) -> str:
+    """The model after an upgrade to opset 13 (per-channel QDQ needs it) and onnxruntime's
+    quant_pre_process, as onnxruntime's and NNCF's users prepare it (the pre-processing writes
+    temporary files into the working folder where its symbolic shape inference gives up: it
+    runs in an empty one)."""
+    source = onnx.load(model)
+    if _default_opset(source) < PER_CHANNEL_MIN_OPSET:
+        model = str(Path(folder) / "upgraded.onnx")
+        onnx.save(onnx.version_converter.convert_version(source, PER_CHANNEL_MIN_OPSET), model)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = str(Path(folder) / "prepared.onnx")
+    model = os.path.abspath(model)
+    with tempfile.TemporaryDirectory() as scratch, _working_directory(scratch):
+        try:
+            quant_pre_process(model, prepared)
+        except Exception:
+            quant_pre_process(model, prepared, skip_symbolic_shape=True)
+    return prepared
+
+
+def nncf_quantize_child(model: str, calibration: str, output: str, transformer: str) -> int:
+    """The body of an NNCF child (``--nncf-child``): ``nncf.quantize`` with its default preset on
+    the prepared model, on the same calibration batches as onnxruntime's run."""
+    import nncf
+
+    with np.load(calibration) as data:
+        arrays = {name: data[name] for name in data.files}
+    with tempfile.TemporaryDirectory() as folder:
+        prepared = onnx.load(_prepared(model, folder))
+        batch = fixed_batch(prepared) or 16
+        count = min(len(next(iter(arrays.values()))), 128)
+        feeds = [{k: v[i : i + batch] for k, v in arrays.items()} for i in range(0, count, batch)]
+        options = {"model_type": nncf.ModelType.TRANSFORMER} if transformer == "True" else {}
+        quantized = nncf.quantize(prepared, nncf.Dataset(feeds), subset_size=len(feeds), **options)
+        onnx.save(quantized, output)
+    return 0
+
+
+def nncf_quantize(subject: BenchModel, work: Path) -> Run:
+    output = work / "nncf.onnx"
+    command = [sys.executable, str(Path(__file__).resolve()), "--nncf-child", str(subject.model)]
+    command += [str(subject.calibration), str(output), str(subject.transformer)]
+    return run_child("NNCF", command, output)
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,8 +331,10 @@ def latency_ratio(float_model: Path, quantized: Path, feed: dict[str, np.ndarray
 # --------------------------------------------------------------------------------------------
 
 
-def ocs_settings(quick: bool) -> list[tuple[int, float, str]]:
+def ocs_settings(quick: bool, w8a8: bool = False) -> list[tuple[int, float, str]]:
     """(weight bits, OCS ratio, activation clip method) of every ocs-onnx run."""
+    if w8a8:
+        return [(8, 0.02, "percentile")]
     ratios = (0.0, 0.02) if quick else (0.0, 0.01, 0.02, 0.05)
     clips = ("percentile",) if quick else ("percentile", "none")
     return [(bits, ratio, clip) for bits in OCS_BITS for clip in clips for ratio in ratios]
@@ -306,14 +348,17 @@ def ort_quantize(subject: BenchModel, work: Path, label: str, method: str, weigh
     return run_child(f"onnxruntime {label}", command, out)
 
 
-def bench_model(subject: BenchModel, work: Path, quick: bool) -> dict:
+def bench_model(subject: BenchModel, work: Path, quick: bool, w8a8: bool = False) -> dict:
     rows = []
     float_metrics = subject.evaluate(subject.model)
     runs = []
     for label, method, weight_type, reduce in ORT_RUNS:
+        if w8a8 and weight_type != "QInt8":
+            continue
         bits = "W4A8" if weight_type == "QInt4" else "W8A8"
         runs.append((f"onnxruntime {label}", bits, ort_quantize(subject, work, label, method, weight_type, reduce)))
-    for bits, ratio, clip in ocs_settings(quick):
+    runs.append(("NNCF", "W8A8", nncf_quantize(subject, work)))
+    for bits, ratio, clip in ocs_settings(quick, w8a8):
         out = work / f"ocs-w{bits}-r{ratio}-{clip}.onnx"
         command = [sys.executable, "-m", "ocs_onnx", "compile", str(subject.model), "-o", str(out), "-q"]
         command += [
@@ -365,10 +410,10 @@ def _headline(row: dict, metric: str) -> str:
 
 
 def summary(results: list[dict]) -> list[str]:
-    """One line per model: the headline metric of float, onnxruntime's best W8A8 calibration and
-    ocs-onnx with its defaults at each width (OCS ratio 0 / 0.02), and ocs-onnx's W8A8 compile
+    """One line per model: the headline metric of float, onnxruntime's best W8A8 calibration,
+    NNCF's default, and ocs-onnx with its defaults at each width (OCS ratio 0 / 0.02), and ocs-onnx's W8A8 compile
     time and peak memory relative to onnxruntime's MinMax run."""
-    header = ["model", "metric", "float", "onnxruntime best W8A8", "ocs-onnx W8A8"]
+    header = ["model", "metric", "float", "onnxruntime best W8A8", "NNCF W8A8", "ocs-onnx W8A8"]
     header += [f"ocs-onnx W{b}A8 r=0 / 0.02" for b in OCS_BITS[1:]]
     header += ["compile time vs ORT", "peak memory vs ORT"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -386,7 +431,9 @@ def summary(results: list[dict]) -> list[str]:
             return runs.get((f"ocs-onnx r={ratio} aclip=percentile", f"W{bits}A8"), {"ok": False})
 
         default = ocs(8, 0.02)
-        cells = [result["model"], metric, f"{result['float'][metric]:.2f}", best_text, _headline(default, metric)]
+        nncf = runs.get(("NNCF", "W8A8"), {"ok": False})
+        cells = [result["model"], metric, f"{result['float'][metric]:.2f}", best_text, _headline(nncf, metric)]
+        cells.append(_headline(default, metric))
         cells += [f"{_headline(ocs(b, 0.0), metric)} / {_headline(ocs(b, 0.02), metric)}" for b in OCS_BITS[1:]]
         cells += [_fmt(default.get("time_vs_ort")), _fmt(default.get("memory_vs_ort"))]
         lines.append("| " + " | ".join(cells) + " |")
@@ -425,9 +472,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--ort-child":
         return ort_quantize_child(*argv[1:7])
+    if argv and argv[0] == "--nncf-child":
+        return nncf_quantize_child(*argv[1:5])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="demo", help="comma-separated: " + ", ".join(registry()))
     parser.add_argument("--quick", action="store_true", help="ratios 0 and 0.02, default activation clip only")
+    parser.add_argument("--w8a8", action="store_true", help="only W8A8: the peers and ocs-onnx's default")
     parser.add_argument("--out", type=Path, help="write the markdown table here")
     parser.add_argument("--json", type=Path, help="write every number as JSON here")
     args = parser.parse_args(argv)
@@ -441,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             work = Path(folder) / name
             work.mkdir()
-            results.append(bench_model(available[name](work), work, args.quick))
+            results.append(bench_model(available[name](work), work, args.quick, args.w8a8))
             # Written after every model, so that a long run's finished models survive a failure.
             text = markdown(results)
             if args.out:

@@ -1,12 +1,13 @@
 """Peak memory of a compile as the calibration set grows: calibration must stream its data
 (memory must not grow with the number of samples).
 
-    python tools/calibration_memory.py [--samples 64 1024]
+    python tools/calibration_memory.py [--samples 64 1024] [--rounding hessian]
 
 Builds a small conv net with 3x128x128 inputs (196 KB per sample, so 1024 samples are 200 MB
 of calibration data), writes the calibration sets, and runs ``python -m ocs_onnx compile`` once
 per sample count in a child process, reading the child's peak RSS from ``os.wait4``. Reports
-each peak and its ratio to the smallest run (same script, same machine).
+each peak and its ratio to the smallest run (same script, same machine). ``--rounding hessian``
+adds every layer's input Gram matrix to what calibration streams.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def write_calibration_set(path: Path, count: int) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, nargs="+", default=[64, 1024])
+    parser.add_argument("--rounding", default="nearest", choices=["nearest", "hessian"])
     parser.add_argument("--write", nargs=2, metavar=("PATH", "COUNT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.write:
@@ -89,6 +91,7 @@ def main() -> int:
                 str(folder / "q.onnx"),
             ]
             cmd += ["--calib-data", str(data), "--calib-samples", str(count), "--calib-batch", "16", "-q"]
+            cmd += ["--rounding", args.rounding]
             rss, seconds = peak_rss_mb(cmd)
             rows.append((count, data.stat().st_size / 2**20, rss, seconds))
     base = rows[0][2]

@@ -1,0 +1,76 @@
+"""What each part is worth at low bit widths: nearest rounding, OCS, Hessian rounding (GPTQ),
+both, and bias correction on top, in the layout of the paper's Table 2.
+
+For each model, granularity and weight width (activations 8-bit, the rest default): the task
+metric of every combination, and the compile time of each relative to the nearest-rounding
+compile without OCS in the same run (in brackets).
+
+    python tools/rounding_ablation.py --models demo ppocrv5-rec ppocrv5-det ppocrv5-cls \\
+        [--bits 8 6 5 4] [--granularity channel tensor]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # the checkout, after the installed ocs_onnx: for models/
+sys.path.append(str(Path(__file__).resolve().parent))  # tools/, for bench.py's model registry
+
+import ocs_onnx  # noqa: E402
+from bench import registry  # noqa: E402
+
+# (column, options): OCS at the ratio of the paper's tables, every split kept (as the sweep does)
+COMBINATIONS = (
+    ("nearest", {"ratio": 0.0}),
+    ("OCS 0.02", {"ratio": 0.02}),
+    ("Hessian", {"ratio": 0.0, "rounding": "hessian"}),
+    ("Hessian + OCS 0.02", {"ratio": 0.02, "rounding": "hessian"}),
+    ("Hessian + OCS 0.02 + bias corr.", {"ratio": 0.02, "rounding": "hessian", "bias_correction": True}),
+)
+
+
+def measure(name: str, work: Path, bits: list[int], granularities: list[str]) -> list[str]:
+    subject = registry()[name](work)
+    float_metric = subject.evaluate(Path(subject.model))
+    headline = next(iter(float_metric))
+    lines = [f"{subject.name}: float {headline} {float_metric[headline]:.1f}"]
+    for granularity in granularities:
+        for wbits in bits:
+            cells, baseline = [], None
+            for _, options in COMBINATIONS:
+                output = work / "model.onnx"
+                start = time.perf_counter()
+                ocs_onnx.compile_file(
+                    subject.model, output, calib_data=subject.calibration, wbits=wbits, abits=8,
+                    granularity=granularity, min_split_gain_db=0.0, min_kernel_agreement_db=None, **options,
+                )  # fmt: skip
+                seconds = time.perf_counter() - start
+                baseline = baseline or seconds
+                cells.append(f"{subject.evaluate(output)[headline]:.1f} ({seconds / baseline:.1f}x)")
+            lines.append(f"| {subject.name} | {granularity} | W{wbits}A8 | " + " | ".join(cells) + " |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["demo"], choices=sorted(registry()))
+    parser.add_argument("--bits", nargs="+", type=int, default=[8, 6, 5, 4])
+    parser.add_argument("--granularity", nargs="+", default=["channel", "tensor"], choices=["channel", "tensor"])
+    args = parser.parse_args(argv)
+    print("| model | scales | bits | " + " | ".join(label for label, _ in COMBINATIONS) + " |")
+    print("|---|---|---|" + "---|" * len(COMBINATIONS))
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            work = Path(tmp) / name
+            work.mkdir()
+            for line in measure(name, work, args.bits, args.granularity):
+                print(line, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
