@@ -129,12 +129,19 @@ class InputGram:
 
 
 def hessian_levels(
-    rows: np.ndarray, gram: np.ndarray, scale: np.ndarray, bits: int, dampening: float = DAMPENING
+    rows: np.ndarray, gram: np.ndarray, scale: np.ndarray, bits: int, dampening: float = DAMPENING,
+    largest_first: bool = True,
 ) -> np.ndarray:
     """GPTQ: the integer levels (rows x features, within +-qmax) of the weight ``rows`` (one per
     output channel) on the fixed grid ``scale`` (one per row, or one for all), chosen column by
     column with the rounding error fed back onto the columns after it through ``gram``'s
-    inverse. Round half up, as nearest rounding does."""
+    inverse. Round half up, as nearest rounding does. ``largest_first``: the columns whose
+    inputs carry the most energy (H's diagonal) are rounded first, while the most columns are
+    left to absorb their error (GPTQ's "act order")."""
+    if largest_first:
+        order = np.argsort(-np.diag(gram), kind="stable")
+        levels = hessian_levels(rows[:, order], gram[np.ix_(order, order)], scale, bits, dampening, False)
+        return levels[:, np.argsort(order)]
     qmax = symmetric_qmax(bits)
     w = np.array(rows, dtype=np.float64)
     s = expand_to(np.asarray(scale, dtype=np.float64), 2, 0 if np.ndim(scale) else None)

@@ -38,6 +38,16 @@ def test_hessian_rounding_has_a_lower_output_error_than_nearest_on_a_random_laye
     assert error(levels) < 0.8 * error(nearest)
 
 
+def test_rounding_the_columns_with_the_most_input_energy_first_lowers_the_output_error_further():
+    rng = np.random.default_rng(5)
+    w = rng.normal(size=(32, 64))
+    x = _correlated_inputs(rng, 3000, 64) * np.exp(rng.normal(size=64))  # channels of unequal energy
+    gram, scale = x.T @ x, np.abs(w).max(axis=1) / quant.symmetric_qmax(4)
+    in_order = hessian.hessian_levels(w, gram, scale, 4, largest_first=False)
+    largest_first = hessian.hessian_levels(w, gram, scale, 4)
+    assert hessian.output_error(w, largest_first, scale, gram) < hessian.output_error(w, in_order, scale, gram)
+
+
 def test_the_gram_matrix_streams_batch_by_batch_into_what_one_pass_over_all_rows_gives():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(12, 7, 5))  # 12 samples of 7 rows of 5 features
@@ -134,8 +144,9 @@ def test_each_row_of_a_depthwise_layer_is_rounded_on_its_own_channels_inputs():
     scale = np.abs(w).max(axis=1) / quant.symmetric_qmax(3)
     nearest = quant.quantize_symmetric(w, scale[:, None], 3)
     levels = hessian.hessian_levels_per_row(w, grams, scale, 3)
-    for o in range(6):  # each row is what GPTQ gives that row alone
-        np.testing.assert_array_equal(levels[o], hessian.hessian_levels(w[o : o + 1], grams[o], scale[o : o + 1], 3)[0])
+    for o in range(6):  # each row is what GPTQ gives that row alone (in the columns' own order)
+        alone = hessian.hessian_levels(w[o : o + 1], grams[o], scale[o : o + 1], 3, largest_first=False)
+        np.testing.assert_array_equal(levels[o], alone[0])
     assert hessian.output_error(w, levels, scale, grams) < hessian.output_error(w, nearest, scale, grams)
 
 
