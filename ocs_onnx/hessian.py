@@ -26,6 +26,8 @@ from .quant import expand_to, symmetric_qmax
 # Input rows a calibration sample adds at most (a Conv's output positions, a sequence's steps),
 # drawn at random without replacement: H needs many more rows than features, not every one.
 ROWS_PER_SAMPLE = 256
+# A depthwise Conv's Gram matrices are kernel positions squared (9 x 9 for 3 x 3): fewer rows do.
+DEPTHWISE_ROWS_PER_SAMPLE = 64
 # GPTQ's dampening: this fraction of H's mean diagonal is added to the diagonal, so that H is
 # invertible (features that never vary, duplicated OCS channels) and the feedback stays tame.
 DAMPENING = 0.01
@@ -48,24 +50,34 @@ class InputLayout:
 
 def conv_patches(x: np.ndarray, layout: InputLayout, rng: np.random.Generator, per_sample: int) -> np.ndarray:
     """Up to ``per_sample`` im2col patches of every sample of ``x`` (N, C, H, W), drawn at random
-    output positions, as rows of C x kh x kw features."""
+    output positions, as rows of C x kh x kw features (float64)."""
+    patches = _patches_channels_last(x, layout, rng, per_sample)  # rows x positions x channels
+    return np.ascontiguousarray(patches.transpose(0, 2, 1)).reshape(len(patches), -1)
+
+
+def _patches_channels_last(x: np.ndarray, layout: InputLayout, rng: np.random.Generator, per_sample: int) -> np.ndarray:
     n, c, h, w = x.shape
     (kh, kw), (sh, sw), (dh, dw) = layout.kernel, layout.strides, layout.dilations
     top, left, bottom, right = layout.pads
-    padded = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
     out_h = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
     out_w = (w + left + right - dw * (kw - 1) - 1) // sw + 1
     positions = out_h * out_w
     if positions <= 0:
-        return np.zeros((0, c * kh * kw))
+        return np.zeros((0, kh * kw, c))
+    # channels last, so that one patch position of one output is a contiguous row of channels
+    padded = np.pad(np.asarray(x).transpose(0, 2, 3, 1), ((0, 0), (top, bottom), (left, right), (0, 0)))
     take = min(per_sample, positions)
     chosen = np.concatenate([np.sort(rng.choice(positions, take, replace=False)) + i * positions for i in range(n)])
     sample, position = np.divmod(chosen, positions)
     oy, ox = np.divmod(position, out_w)
-    ys = oy[:, None] * sh + np.arange(kh)[None, :] * dh  # (R, kh)
-    xs = ox[:, None] * sw + np.arange(kw)[None, :] * dw  # (R, kw)
-    patches = padded[sample[:, None, None, None], np.arange(c)[None, :, None, None], ys[:, None, :, None], xs[:, None, None, :]]
-    return patches.reshape(len(chosen), c * kh * kw)
+    rows_of = padded.reshape(-1, c)  # one row per (sample, y, x): np.take of whole rows is fast
+    padded_h, padded_w = padded.shape[1], padded.shape[2]
+    patches = np.empty((len(chosen), kh * kw, c), dtype=np.float64)
+    for i in range(kh):
+        for j in range(kw):
+            index = (sample * padded_h + oy * sh + i * dh) * padded_w + ox * sw + j * dw
+            patches[:, i * kw + j, :] = np.take(rows_of, index, axis=0)
+    return patches
 
 
 class InputGram:
@@ -80,7 +92,7 @@ class InputGram:
         self.rows = 0
 
     def update(self, values: np.ndarray) -> None:
-        values = np.asarray(values, dtype=np.float64)
+        values = np.asarray(values)  # rows are widened to float64 once gathered, not the whole tensor
         if self.layout.kind == "depthwise2d":
             if values.ndim == 4:
                 self._update_per_channel(values)
@@ -95,6 +107,7 @@ class InputGram:
             take = min(len(rows), self.per_sample * samples)
             if take < len(rows):
                 rows = rows[np.sort(self.rng.choice(len(rows), take, replace=False))]
+            rows = rows.astype(np.float64)
         if not np.isfinite(rows).all():
             rows = np.where(np.isfinite(rows), rows, 0.0)
         if self.gram is None:
@@ -108,15 +121,24 @@ class InputGram:
 
     def _update_per_channel(self, values: np.ndarray) -> None:
         channels = values.shape[1]
-        patches = conv_patches(values, self.layout, self.rng, self.per_sample).reshape(-1, channels, self.positions)
-        patches = np.where(np.isfinite(patches), patches, 0.0)
+        per_sample = min(self.per_sample, DEPTHWISE_ROWS_PER_SAMPLE)
+        patches = _patches_channels_last(values, self.layout, self.rng, per_sample)  # rows x K x C
+        if not np.isfinite(patches).all():
+            patches = np.where(np.isfinite(patches), patches, 0.0)
         if self.gram is None:
             self.gram = np.zeros((channels, self.positions, self.positions))
             self.total = np.zeros((channels, self.positions))
         if self.gram.shape[0] != channels:
             return
-        self.gram += np.einsum("rci,rcj->cij", patches, patches)
-        self.total += patches.sum(axis=0)
+        # every channel's K x K products, one pair of kernel positions at a time over all
+        # channels (contiguous rows; a per-channel layout would cost a slow transposed copy)
+        for a in range(self.positions):
+            for b in range(a + 1):
+                products = np.einsum("rc,rc->c", patches[:, a, :], patches[:, b, :])
+                self.gram[:, a, b] += products
+                if a != b:
+                    self.gram[:, b, a] += products
+        self.total += patches.sum(axis=0).T
         self.rows += len(patches)
 
     @property

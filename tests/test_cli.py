@@ -199,7 +199,8 @@ def test_bad_input_gives_one_line_error_exit_code_and_no_output(case, demo, tmp_
     assert sha256(demo) == before
 
 
-def test_output_bytes_are_identical_across_processes_with_different_hash_seeds(demo, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--rounding", "hessian", "--bias-correction"]], ids=["nearest", "hessian"])
+def test_output_bytes_are_identical_across_processes_with_different_hash_seeds(demo, tmp_path, extra):
     outputs = []
     for seed in ("1", "2"):
         out = tmp_path / f"q{seed}.onnx"
@@ -217,6 +218,7 @@ def test_output_bytes_are_identical_across_processes_with_different_hash_seeds(d
             "--calib-data",
             str(digits.CALIBRATION),
             "-q",
+            *extra,
         ]
         result = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path)  # cwd: the installed ocs_onnx, not the checkout's folder
         assert result.returncode == 0, result.stderr
