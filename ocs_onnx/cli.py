@@ -175,7 +175,7 @@ def _option(*flags: str, field: str, **kwargs):
     field="rounding",
     type=click.Choice(ROUNDINGS),
     help="Round weights to the nearest level, or choose them by GPTQ on each layer's calibration inputs "
-    "(lower output error; reads --calib-data).",
+    "(lower output error); auto: hessian below 8 weight bits with --calib-data, nearest otherwise.",
 )
 @_option(
     "--bias-correction/--no-bias-correction",

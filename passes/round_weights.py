@@ -94,7 +94,7 @@ def round_weights(graph: gs.Graph, ctx: CompileContext) -> None:
         rows, moved_shape = _as_rows(w, layer)
         reason = _why_nearest(layer, gram, readers[id(split.constant)] > 1, bool(copied.get(layer.name)), rows.shape[1])
         if reason is not None:
-            chosen[layer.name] = WeightLevels(None, reason if config.rounding == "hessian" else "nearest")
+            chosen[layer.name] = WeightLevels(None, reason if config.rounding_method == "hessian" else "nearest")
             continue
         if gram.layout.kind == "depthwise2d":  # row o reads channel o alone: its own Gram matrix
             origins = np.asarray(list(range(rows.shape[0] - len(split.out_copies))) + list(split.out_copies))
@@ -110,7 +110,7 @@ def round_weights(graph: gs.Graph, ctx: CompileContext) -> None:
         row_scale = scale if scale_axis(layer, config.granularity) is not None else np.asarray(scale)
         nearest = quantize_symmetric(rows, row_scale[:, None] if np.ndim(row_scale) else row_scale, bits)
         levels, rounding, ratio = None, "nearest", None
-        if config.rounding == "hessian":
+        if config.rounding_method == "hessian":
             gptq = hessian_levels_per_row if h.ndim == 3 else hessian_levels
             try:
                 hessian = gptq(rows, h, row_scale, bits)

@@ -98,7 +98,7 @@ def test_a_hessian_rounded_model_is_closer_to_float_on_its_calibration_data(tmp_
     model = builders.mlp_gemm(sizes=(32, 48, 48, 10))
     calib, feed = _calibration(tmp_path, model)
     options = dict(wbits=3, abits=None, ratio=0.0, calib_data=calib)
-    nearest, _ = ocs_onnx.compile(model, **options)
+    nearest, _ = ocs_onnx.compile(model, rounding="nearest", **options)
     rounded, report = ocs_onnx.compile(model, rounding="hessian", **options)
     assert {layer["rounding"] for layer in report["layers"]} == {"hessian"}
     assert all(layer["output_error_vs_nearest"] < 1 for layer in report["layers"])
@@ -126,7 +126,7 @@ def test_hessian_rounding_with_ocs_splits_keeps_the_splits_and_lowers_the_output
     model = builders.two_branch_conv_net(outlier_channel=2)
     calib, feed = _calibration(tmp_path, model, samples=64)
     options = dict(wbits=4, abits=None, ratio=0.1, min_split_gain_db=0.0, calib_data=calib)
-    nearest, plain = ocs_onnx.compile(model, **options)
+    nearest, plain = ocs_onnx.compile(model, rounding="nearest", **options)
     rounded, report = ocs_onnx.compile(model, rounding="hessian", **options)
     split = [layer for layer in report["layers"] if layer["split"]]
     assert split and all(layer["rounding"] == "hessian" for layer in split)
@@ -158,6 +158,16 @@ def test_layers_hessian_rounding_cannot_reach_stay_nearest_and_say_why(tmp_path)
     assert roundings["dw/conv"] == "hessian"  # depthwise: one Gram matrix per channel
     assert roundings["pw_grouped/conv"].startswith("nearest (") and "grouped" in roundings["pw_grouped/conv"]
     assert all(r == "hessian" for name, r in roundings.items() if name != "pw_grouped/conv")
+
+
+def test_auto_rounding_is_hessian_below_8_bits_with_calibration_data_and_nearest_otherwise():
+    def rounding(**options):
+        return ocs_onnx.CompileConfig(**options).rounding_method
+
+    assert rounding(wbits=6, calib_data=digits.CALIBRATION) == "hessian"
+    assert rounding(wbits=8, calib_data=digits.CALIBRATION) == "nearest"  # gains little at 8 bits
+    assert rounding(wbits=4) == "nearest"  # random inputs say nothing of the layer's real inputs
+    assert rounding(wbits=4, rounding="nearest", calib_data=digits.CALIBRATION) == "nearest"
 
 
 def test_hessian_rounding_is_deterministic_and_an_unknown_rounding_is_refused():

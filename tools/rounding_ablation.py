@@ -25,8 +25,8 @@ from bench import registry  # noqa: E402
 
 # (column, options): OCS at the ratio of the paper's tables, every split kept (as the sweep does)
 COMBINATIONS = (
-    ("nearest", {"ratio": 0.0}),
-    ("OCS 0.02", {"ratio": 0.02}),
+    ("nearest", {"ratio": 0.0, "rounding": "nearest"}),
+    ("OCS 0.02", {"ratio": 0.02, "rounding": "nearest"}),
     ("Hessian", {"ratio": 0.0, "rounding": "hessian"}),
     ("Hessian + OCS 0.02", {"ratio": 0.02, "rounding": "hessian"}),
     ("Hessian + OCS 0.02 + bias corr.", {"ratio": 0.02, "rounding": "hessian", "bias_correction": True}),

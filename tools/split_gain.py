@@ -38,7 +38,7 @@ def measure(name: str, work: Path, rounds: int) -> list[str]:
             output = work / f"w{bits}-r{ratio}-g{gain}.onnx"
             _, report = ocs_onnx.compile_file(
                 subject.model, output, calib_data=subject.calibration, wbits=bits, ratio=ratio,
-                min_split_gain_db=gain, min_kernel_agreement_db=None,
+                min_split_gain_db=gain, min_kernel_agreement_db=None, rounding="nearest",
             )
             metric = subject.evaluate(output)[headline]
             split = report["totals"]["split_layers"]
