@@ -295,6 +295,14 @@ def summary_text(report: dict) -> str:
             f"{totals['scales_raised_for_overflow']} weight scales raised (coarser grid) so that onnxruntime's uint8 x int8 kernels cannot overflow "
             "their 16-bit pair sums on CPUs without VNNI; --no-reduce-range keeps the full +-127 grid"
         )
+    hessian = sum(1 for layer in report["layers"] if layer["rounding"] == "hessian")
+    corrected = sum(1 for layer in report["layers"] if layer["bias_corrected"])
+    if config["rounding"] == "hessian" or corrected:
+        lines.append(
+            f"weights rounded by GPTQ on their calibration inputs in {hessian} of {len(report['layers'])} layers"
+            + (f", biases corrected in {corrected}" if corrected else "")
+            + (" (the others: nearest, reasons in the JSON report)" if hessian < len(report["layers"]) and config["rounding"] == "hessian" else "")
+        )
     abits = "none" if config["abits"] is None else config["abits"]
     lines.append(
         f"quantized {totals['quantized_layers']} layers at W{config['wbits']}A{abits} ({config['granularity']} scales), "
