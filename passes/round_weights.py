@@ -6,8 +6,9 @@ causes on those inputs.
 The grid is clip-weights' (the scales, and the overflow bound, are not touched). A split layer
 reads its input with copies of the split channels: its Gram matrix is the input's with those
 channels' rows and columns repeated, so the piece rounded second sees the first piece's rounding
-error, perfectly correlated, and absorbs it, as the quantization-aware split does by
-construction (paper eq. 6).
+error, perfectly correlated, and absorbs it. The pieces' levels then no longer add up to the
+nearest level of the whole, as the quantization-aware split's do (paper eq. 6): their total is
+GPTQ's choice for the layer's output.
 
 A depthwise Conv's rows each read one channel: each gets GPTQ on its own channel's Gram matrix.
 A layer stays on nearest rounding (said in the report) where its inputs cannot be read as rows
@@ -109,7 +110,7 @@ def round_weights(graph: gs.Graph, ctx: CompileContext) -> None:
             continue
         row_scale = scale if scale_axis(layer, config.granularity) is not None else np.asarray(scale)
         nearest = quantize_symmetric(rows, row_scale[:, None] if np.ndim(row_scale) else row_scale, bits)
-        levels, rounding, ratio = None, "nearest", None
+        levels, rounding, ratio, final = None, "nearest", None, nearest
         if config.rounding_method == "hessian":
             gptq = hessian_levels_per_row if h.ndim == 3 else hessian_levels
             try:
@@ -119,8 +120,8 @@ def round_weights(graph: gs.Graph, ctx: CompileContext) -> None:
                 continue
             base = output_error(rows, nearest, row_scale, h)
             ratio = output_error(rows, hessian, row_scale, h) / base if base > 0 else 1.0
-            levels, rounding, nearest = _from_rows(hessian, moved_shape, layer), "hessian", hessian
-        corrected = config.bias_correction and _correct_bias(layer, rows, nearest, row_scale, mean, ctx)
+            levels, rounding, final = _from_rows(hessian, moved_shape, layer), "hessian", hessian
+        corrected = config.bias_correction and _correct_bias(layer, rows, final, row_scale, mean, ctx)
         chosen[layer.name] = WeightLevels(levels, rounding, ratio, corrected)
         ctx.done_with(split.unsplit)
 
