@@ -413,9 +413,9 @@ class RangeObserver:
         if values.dtype.kind == "f" and not np.isfinite(values).all():
             values = values[np.isfinite(values)]  # a NaN/Inf (e.g. behind an Inf weight) has no grid point
         if values.size:
-            self.lo = min(self.lo, float(values.min()))
-            self.hi = max(self.hi, float(values.max()))
-            self.histogram.update(values)
+            lo, hi = float(values.min()), float(values.max())
+            self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
+            self.histogram.update(values, peak=max(hi, -lo))
             if self.channel_histograms is not None:
                 axis = self.channel_axis
                 if values.ndim > (axis if axis >= 0 else -axis - 1) and (
