@@ -127,8 +127,9 @@ def overflow_safe_scale(
 
 
 def is_depthwise(group: int, weight_shape: tuple[int, ...]) -> bool:
-    """onnxruntime's depthwise kernel (one input channel per group, one output per group)
-    widens both operands to 16 bits before multiplying: it cannot overflow."""
+    """A Conv with one input and one output channel per group. onnxruntime's depthwise kernel
+    widens both operands to 16 bits before multiplying: it cannot overflow (and Hessian rounding
+    gives each of its rows its own channel's inputs)."""
     return group > 1 and len(weight_shape) > 1 and weight_shape[1] == 1 and weight_shape[0] == group
 
 

@@ -31,6 +31,7 @@ import onnx_graphsurgeon as gs
 from ocs_onnx.context import CompileContext
 from ocs_onnx.facts import ACTIVATION_PLAN, HARDSWISH_FUSED, LAYERS, TENSOR_TYPES, ActivationPlan, Layer
 from ocs_onnx.hessian import InputLayout
+from ocs_onnx.overflow import is_depthwise
 from ocs_onnx.pass_manager import compiler_pass
 from ocs_onnx.placement import Placement, passes_through, place_integer_ops
 
@@ -138,8 +139,8 @@ def input_layouts(layers: list[Layer]) -> dict[str, InputLayout]:
         if layer.op in ("Gemm", "MatMul") and not node.attrs.get("transA", 0) and layer.input_channel_axis in (-1, len(x.shape or [0, 0]) - 1):
             layouts[layer.name] = InputLayout(x.name, "rows")
         elif layer.op == "Conv" and layer.model_weight.ndim == 4:
-            group, shape = node.attrs.get("group", 1), layer.model_weight.shape
-            depthwise = group > 1 and shape[1] == 1 and shape[0] == group
+            group = node.attrs.get("group", 1)
+            depthwise = is_depthwise(group, layer.model_weight.shape)
             pads = tuple(node.attrs.get("pads", (0, 0, 0, 0)))
             if (group != 1 and not depthwise) or node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
                 continue  # a grouped Conv; SAME padding, where the pads go depends on the input size

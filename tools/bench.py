@@ -148,6 +148,17 @@ def registry() -> dict[str, Callable[[Path], BenchModel]]:
     return models
 
 
+def print_per_model(names: list[str], measure: Callable[[str, Path], list[str]]) -> None:
+    """Prints the table lines ``measure(name, work)`` returns for every model, as they come, each
+    model with its own temporary work folder."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            work = Path(tmp) / name
+            work.mkdir()
+            for line in measure(name, work):
+                print(line, flush=True)
+
+
 def fixed_batch(model: onnx.ModelProto | str | os.PathLike) -> int | None:
     """The static size of the first model input's first axis, or None when it is dynamic."""
     if not isinstance(model, onnx.ModelProto):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ sys.path.append(str(Path(__file__).resolve().parent))  # tools/, for bench.py's 
 
 import ocs_onnx  # noqa: E402
 from ocs_onnx.passes.verify import optimized_op_counts  # noqa: E402
-from bench import ORT_RUNS, fixed_batch, latency_ratios, ort_quantize, registry  # noqa: E402
+from bench import ORT_RUNS, fixed_batch, latency_ratios, ort_quantize, print_per_model, registry  # noqa: E402
 
 # (label, compile options): ratio 0 is the baseline OCS is judged against.
 CONFIGS = [
@@ -109,12 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"onnxruntime {ort.__version__}, {os.cpu_count()} cores, median of {args.rounds} interleaved rounds")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models:
-            work = Path(tmp) / name
-            work.mkdir()
-            for line in measure(name, work, args.rounds, args.metrics):
-                print(line, flush=True)
+    print_per_model(args.models, lambda name, work: measure(name, work, args.rounds, args.metrics))
     return 0
 
 

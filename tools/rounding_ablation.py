@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # the checkout, after
 sys.path.append(str(Path(__file__).resolve().parent))  # tools/, for bench.py's model registry
 
 import ocs_onnx  # noqa: E402
-from bench import registry  # noqa: E402
+from bench import print_per_model, registry  # noqa: E402
 
 # (column, options): OCS at the ratio of the paper's tables, every split kept (as the sweep does)
 COMBINATIONS = (
@@ -63,12 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     print("| model | scales | bits | " + " | ".join(label for label, _ in COMBINATIONS) + " |")
     print("|---|---|---|" + "---|" * len(COMBINATIONS))
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models:
-            work = Path(tmp) / name
-            work.mkdir()
-            for line in measure(name, work, args.bits, args.granularity):
-                print(line, flush=True)
+    print_per_model(args.models, lambda name, work: measure(name, work, args.bits, args.granularity))
     return 0
 
 

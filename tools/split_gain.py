@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # the checkout, after the installed ocs_onnx: for models/
 sys.path.append(str(Path(__file__).resolve().parent))  # tools/, for bench.py's model registry
 
 import ocs_onnx  # noqa: E402
-from bench import latency_ratios, registry  # noqa: E402
+from bench import latency_ratios, print_per_model, registry  # noqa: E402
 
 BITS = (8, 6, 4)
 # (OCS ratio, minimum split gain in dB)
@@ -57,12 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     print("| model | bits | ratio 0 | gain 0 | gain 0.5 dB | gain 1 dB |")
     print("|---|---|---|---|---|---|")
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models:
-            work = Path(tmp) / name
-            work.mkdir()
-            for line in measure(name, work, args.rounds):
-                print(line, flush=True)
+    print_per_model(args.models, lambda name, work: measure(name, work, args.rounds))
     return 0
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # the checkout, after
 sys.path.append(str(Path(__file__).resolve().parent))  # tools/, for bench.py's model registry
 
 import ocs_onnx  # noqa: E402
-from bench import fixed_batch, latency_ratios, qdq_arithmetic_session, registry  # noqa: E402
+from bench import fixed_batch, latency_ratios, qdq_arithmetic_session, print_per_model, registry  # noqa: E402
 
 CHOICES = (
     ("per-row bound (default)", {}),
@@ -87,12 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         "| rows raised, median levels | latency vs float |"
     )
     print("|---|---|---|---|---|---|---|")
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models:
-            work = Path(tmp) / name
-            work.mkdir()
-            for line in measure(name, work, args.rounds):
-                print(line, flush=True)
+    print_per_model(args.models, lambda name, work: measure(name, work, args.rounds))
     return 0
 
 
