@@ -154,3 +154,25 @@ def rows_and_input_peaks(
         return rows, np.asarray(input_peaks)[channel][None, :], pairs
     group_of_row = np.arange(out_channels) // max(out_channels // group, 1)
     return rows, np.asarray(input_peaks)[group_of_row[:, None] * per_group + channel[None, :]], pairs
+
+
+def layer_overflow_safe_scale(
+    w: np.ndarray,
+    in_axis: int,
+    out_axis: int,
+    group: int,
+    scale: np.ndarray,
+    qparams,
+    channel_maxima: np.ndarray | None,
+) -> np.ndarray:
+    """``scale`` of a layer's (split) weight ``w`` raised where its 8-bit kernel could overflow
+    its 16-bit pair sums, with its input quantized by ``qparams`` (``ActivationQParams``) and
+    ``channel_maxima`` the calibrated maximum of each channel ``w`` multiplies (None: any
+    level). A depthwise Conv's kernel is exact: its scale is returned as it is."""
+    if is_depthwise(group, w.shape):
+        return scale
+    channels = w.shape[in_axis] * group
+    known = channel_maxima is not None and channel_maxima.size == channels
+    peaks = stored_input_peaks(channel_maxima, qparams) if known else np.full(channels, 255.0)
+    rows, row_peaks, pairs = rows_and_input_peaks(w, in_axis, out_axis, peaks, group)
+    return overflow_safe_scale(rows, scale, row_peaks, pairs).astype(np.asarray(scale).dtype)

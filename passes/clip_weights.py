@@ -33,9 +33,8 @@ from ocs_onnx.facts import (
     WEIGHT_SPLITS,
     Layer,
     WeightScale,
-    WeightSplit,
 )
-from ocs_onnx.overflow import is_depthwise, overflow_safe_scale, rows_and_input_peaks, stored_input_peaks
+from ocs_onnx.overflow import layer_overflow_safe_scale
 from ocs_onnx.pass_manager import compiler_pass
 from ocs_onnx.quant import max_abs, symmetric_scale
 from ocs_onnx.weights import clip_thresholds, scale_axis, with_copies, without_copies
@@ -61,40 +60,55 @@ def _float_bias(layer: Layer, out_channels: int) -> np.ndarray | None:
     return bias if bias.dtype == np.float32 and bias.shape == (out_channels,) else None
 
 
-def _input_channel_maxima(layer: Layer, split: WeightSplit, ctx: CompileContext) -> np.ndarray | None:
-    """The calibrated maximum of every channel the layer's (split) weight multiplies, as its
-    input is after activation and weight OCS (a copy has its original's maximum; a halved
-    channel is bounded by its whole one). None where calibration has none for this layout."""
+def input_channel_maxima(layer: Layer, origins: list[int], ctx: CompileContext) -> np.ndarray | None:
+    """The calibrated maximum of every channel the layer's split weight multiplies (``origins``:
+    the original channel of each), as its input is after activation and weight OCS (a copy has
+    its original's maximum; a halved channel is bounded by its whole one). None where
+    calibration has none for this layout."""
     entry = ctx.facts[ACTIVATION_PLAN].channel_peak_inputs.get(layer.name)
     maxima = ctx.facts[ACTIVATION_STATISTICS].channel_peaks.get(entry[0]) if entry else None
     if maxima is None:
         return None
     copied = ctx.facts[ACTIVATION_SPLITS].copied_channels.get(layer.name, [])
     maxima = np.concatenate([maxima, maxima[copied]]) if copied else maxima
-    if len(split.channel_origins) != split.constant.shape[layer.weight_in_axis]:
-        return None
-    origins = np.asarray(split.channel_origins)
+    origins = np.asarray(origins)
     return maxima[origins] if origins.size and origins.max() < maxima.size else None
 
 
-def _overflow_safe(layer: Layer, split: WeightSplit, w: np.ndarray, scale: np.ndarray, ctx: CompileContext):
-    """``scale`` raised where the layer's 8-bit kernel could overflow its 16-bit pair sums, and
-    how many rows were raised."""
-    x = layer.node.inputs[0].name
-    qparams = ctx.facts[ACTIVATION_QPARAMS].get(x)
-    group = int(layer.node.attrs.get("group", 1)) if layer.op == "Conv" else 1
-    if qparams is None or is_depthwise(group, w.shape):
-        return scale, 0  # a float input runs no integer kernel; the depthwise kernel is exact
-    maxima = _input_channel_maxima(layer, split, ctx)
-    channels = w.shape[layer.weight_in_axis] * group
-    peaks = stored_input_peaks(maxima, qparams) if maxima is not None and maxima.size == channels else np.full(channels, 255.0)
-    rows, row_peaks, pairs = rows_and_input_peaks(w, layer.weight_in_axis, layer.weight_out_axis, peaks, group)
-    safe = overflow_safe_scale(rows, scale, row_peaks, pairs)
-    return safe.astype(np.asarray(scale).dtype), int(np.count_nonzero(np.atleast_1d(safe > scale)))
+def conv_group(layer: Layer) -> int:
+    return int(layer.node.attrs.get("group", 1)) if layer.op == "Conv" else 1
 
 
-@compiler_pass("clip-weights", requires=(LAYERS, WEIGHT_SPLITS, ACTIVATION_QPARAMS, ACTIVATION_PLAN,
-                                         ACTIVATION_STATISTICS, ACTIVATION_SPLITS), produces=(WEIGHT_SCALES,))
+def raised_scale(
+    layer: Layer, w: np.ndarray, origins: list[int], scale: np.ndarray, qparams, ctx: CompileContext
+) -> tuple[np.ndarray, int, int]:
+    """``scale`` of the layer's (split) weight ``w`` raised where its int32 bias would not fit
+    and, at W8A8, where its 8-bit kernel could overflow its 16-bit pair sums; with the number
+    of rows raised for each. ``origins``: the original channel of each input channel of ``w``;
+    ``qparams``: its input's parameters (None: the input stays float, no integer kernel)."""
+    if qparams is None:
+        return scale, 0, 0
+    raised_for_bias = raised_for_overflow = 0
+    bias = _float_bias(layer, w.shape[layer.weight_out_axis])
+    if bias is not None:
+        floor = bias_scale_floor(bias, qparams.scale, per_channel=np.ndim(scale) > 0)
+        raised_for_bias = int(np.count_nonzero(floor > scale))
+        scale = np.maximum(scale, floor).astype(scale.dtype) if raised_for_bias else scale
+    if ctx.config.bounds_pair_sums:
+        maxima = input_channel_maxima(layer, origins, ctx) if len(origins) == w.shape[layer.weight_in_axis] else None
+        safe = layer_overflow_safe_scale(
+            w, layer.weight_in_axis, layer.weight_out_axis, conv_group(layer), scale, qparams, maxima
+        )
+        raised_for_overflow = int(np.count_nonzero(np.atleast_1d(safe > scale)))
+        scale = safe
+    return scale, raised_for_bias, raised_for_overflow
+
+
+@compiler_pass(
+    "clip-weights",
+    requires=(LAYERS, WEIGHT_SPLITS, ACTIVATION_QPARAMS, ACTIVATION_PLAN, ACTIVATION_STATISTICS, ACTIVATION_SPLITS),
+    produces=(WEIGHT_SCALES,),
+)
 def clip_weights(graph: gs.Graph, ctx: CompileContext) -> None:
     """Clip threshold alpha (`--wclip`; max abs for `none`) on the split weights, `scale = alpha
     / (2^(k-1)-1)`, per tensor or per output channel; raised where an int32 bias would not fit,
@@ -105,22 +119,14 @@ def clip_weights(graph: gs.Graph, ctx: CompileContext) -> None:
         axis = scale_axis(layer, ctx.config.granularity)
         split = splits[layer.name]
         full = split.constant.values  # computed from the unsplit weight for a split layer: read once
-        out_channels = full.shape[layer.weight_out_axis]
         # Rows the layer computes twice (for a split layer after it) get their original's
         # threshold: the numbers are those the layer would get without them.
         w = without_copies(full, layer.weight_out_axis, split.out_copies)
         threshold = with_copies(clip_thresholds(w, axis, ctx.config), split.out_copies)
         peak = with_copies(max_abs(w, axis), split.out_copies)
         scale = symmetric_scale(threshold, ctx.config.weight_bits)
-        raised = 0
-        bias, x = _float_bias(layer, out_channels), layer.node.inputs[0].name
-        if bias is not None and x in qparams:
-            floor = bias_scale_floor(bias, qparams[x].scale, per_channel=axis is not None)
-            raised = int(np.count_nonzero(floor > scale))
-            scale = np.maximum(scale, floor).astype(scale.dtype) if raised else scale
-        raised_for_overflow = 0
-        if ctx.config.bounds_pair_sums:
-            scale, raised_for_overflow = _overflow_safe(layer, split, full, scale, ctx)
+        x_qparams = qparams.get(layer.node.inputs[0].name)
+        scale, raised, raised_for_overflow = raised_scale(layer, full, split.channel_origins, scale, x_qparams, ctx)
         scales[layer.name] = WeightScale(peak, threshold, scale, raised, raised_for_overflow)
         ctx.done_with(split.unsplit)
     ctx.facts[WEIGHT_SCALES] = scales

@@ -29,12 +29,13 @@ scale and are applied by ``qa-split`` once ``clip-weights`` has chosen it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ocs_onnx.activations import clipped_activation
+from ocs_onnx.activations import ClippedActivation, clipped_activation
 from ocs_onnx.channels import append_channel_copies
 from ocs_onnx.config import CompileConfig
 from ocs_onnx.context import CompileContext
@@ -62,6 +63,7 @@ from ocs_onnx.quant import (
     symmetric_scale,
 )
 from ocs_onnx.weights import clip_thresholds, scale_axis, split_values
+from .clip_weights import raised_scale
 from ocs_onnx.widening import find_region, widen
 
 
@@ -77,18 +79,37 @@ def _widen_input(
     return nodes, widened
 
 
-def quantization_error(layer: Layer, w0: np.ndarray, splits: list[int], config: CompileConfig) -> float:
+def quantization_error(
+    layer: Layer, w0: np.ndarray, splits: list[int], config: CompileConfig, fit_scale: ScaleFit | None = None
+) -> float:
     """Squared error of the weight the layer effectively applies after splitting ``w0`` by
     ``splits``, clipping, (QA) splitting with the final scale, and quantizing: the pipeline's
-    own steps."""
+    own steps. ``fit_scale`` raises the scale as ``clip-weights`` will (for the kernels'
+    overflow bound too, which a split can tighten: a copy may pair with its original)."""
     in_axis = layer.weight_in_axis
     axis = scale_axis(layer, config.granularity)
+    origins = channel_origins(w0.shape[in_axis], splits)
     naive = apply_channel_splits(w0, in_axis, splits)
     scale = symmetric_scale(clip_thresholds(naive, axis, config), config.weight_bits)
+    if fit_scale is not None:
+        scale = fit_scale(naive, origins, scale)
     split = apply_channel_splits(w0, in_axis, splits, qa_scale=scale, out_axis=axis) if config.split == "qa" else naive
     effective = dequantize(quantize_symmetric(split, scale, config.weight_bits, axis), scale, axis)
-    merged = merge_split_channels(effective, in_axis, channel_origins(w0.shape[in_axis], splits), w0.shape[in_axis])
+    merged = merge_split_channels(effective, in_axis, origins, w0.shape[in_axis])
     return float(np.sum((w0.astype(np.float64) - merged) ** 2))
+
+
+# (split weight, the original channel of each of its input channels, scale) -> the final scale
+ScaleFit = Callable[[np.ndarray, list[int], np.ndarray], np.ndarray]
+
+
+def scale_fit(layer: Layer, ctx: CompileContext) -> ScaleFit | None:
+    """How ``clip-weights`` will raise the layer's scale (for its int32 bias and, at W8A8, the
+    kernels' overflow bound), on its input's estimated parameters; None where it will not."""
+    estimated = estimated_input(layer, ctx)
+    if estimated is None:
+        return None
+    return lambda w, origins, scale: raised_scale(layer, w, origins, scale, estimated.qparams, ctx)[0]
 
 
 @dataclass
@@ -106,9 +127,9 @@ class _Plan:
         return self.origins[len(self.origins) - len(self.splits) :]
 
 
-def input_sqnr_db(layer: Layer, ctx: CompileContext) -> float | None:
-    """The estimated quantization SQNR of the layer's input under the parameters it will get
-    (None when it stays float or has no histogram)."""
+def estimated_input(layer: Layer, ctx: CompileContext) -> ClippedActivation | None:
+    """The layer's input as ``clip-activations`` will quantize it (None when it stays float or
+    has no histogram)."""
     plan, splits = ctx.facts[ACTIVATION_PLAN], ctx.facts[ACTIVATION_SPLITS]
     if ctx.config.abits is None:
         return None
@@ -117,7 +138,7 @@ def input_sqnr_db(layer: Layer, ctx: CompileContext) -> float | None:
     source = sources.get(layer.node.inputs[0].name)
     if source is None:
         return None
-    return clipped_activation(*observed(source, ctx.facts[ACTIVATION_STATISTICS], splits), ctx.config).sqnr_db
+    return clipped_activation(*observed(source, ctx.facts[ACTIVATION_STATISTICS], splits), ctx.config)
 
 
 def output_gain_db(error_without: float, error_with: float, energy: float, input_sqnr: float | None) -> float | None:
@@ -140,10 +161,12 @@ def _plan_splits(layer: Layer, weight: gs.Constant, ctx: CompileContext) -> _Pla
     splits = plan_channel_splits(w, layer.weight_in_axis, split_count(ctx.config.ratio, channels))
     reason = None
     if splits and ctx.config.ocs_guard:
-        with_ocs = quantization_error(layer, w, splits, ctx.config)
-        without = quantization_error(layer, w, [], ctx.config)
+        fit_scale = scale_fit(layer, ctx)
+        with_ocs = quantization_error(layer, w, splits, ctx.config, fit_scale)
+        without = quantization_error(layer, w, [], ctx.config, fit_scale)
         energy = float(np.sum(np.square(w, dtype=np.float64)))
-        input_sqnr = input_sqnr_db(layer, ctx)
+        estimated = estimated_input(layer, ctx)
+        input_sqnr = estimated.sqnr_db if estimated is not None else None
         gain_db = output_gain_db(without, with_ocs, energy, input_sqnr) if energy > 0 else None
         if not with_ocs < without:
             reason = "splitting did not lower this layer's weight quantization error"

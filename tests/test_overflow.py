@@ -184,3 +184,17 @@ def test_the_default_w8a8_demo_computes_what_its_qdq_arithmetic_says_within_roun
         np.asarray(layer["clip"]["max_abs"]) / np.asarray(layer["scale"]) for layer in report["layers"]
     ]
     assert max(float(np.median(v)) for v in levels) > 80  # finer than the 7-bit grid where it can be
+
+
+def test_splits_are_judged_and_reported_on_the_grid_the_overflow_bound_leaves():
+    # The bound raises the demo's first layer (a 1-channel 3x3 Conv on the image) to about a
+    # 7-bit grid; its split recovers the 8th bit. Without OCS the report's weight SQNR is that of
+    # the raised grid, the grid the unsplit layer would really get.
+    _, plain = ocs_onnx.compile(str(digits.MODEL), ratio=0.0, calib_data=digits.CALIBRATION)
+    _, split = ocs_onnx.compile(str(digits.MODEL), ratio=0.02, calib_data=digits.CALIBRATION)
+    for layer in plain["layers"]:
+        assert layer["sqnr_db"]["without_ocs"] == layer["sqnr_db"]["with_ocs"], layer["name"]
+    first_plain, first_split = plain["layers"][0], split["layers"][0]
+    assert first_plain["scales_raised_for_overflow"] > 0 and first_split["split"]
+    assert first_split["sqnr_db"]["without_ocs"] == first_plain["sqnr_db"]["with_ocs"]
+    assert first_split["sqnr_db"]["with_ocs"] > first_plain["sqnr_db"]["with_ocs"] + 1.0

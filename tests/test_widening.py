@@ -10,6 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import ocs_onnx
+from ocs_onnx.channels import copy_runs
 
 from .conftest import max_relative_error, run_model
 
@@ -161,6 +162,30 @@ def test_the_widened_network_computes_the_same_function(pattern):
     for expected, actual in zip(run_model(model, feed), run_model(rewritten, feed)):
         assert expected.shape == actual.shape
         assert max_relative_error(expected, actual) < 1e-5
+
+
+def one_channel_input_conv() -> onnx.ModelProto:
+    """A first layer on a 1-channel graph input: splitting copies the whole input."""
+    g = _Net(8)
+    y = g.conv("x", 1, C, "conv1")
+    return g.model([_image(c=1)], [_out(y, ["N", C, 6, 6])])
+
+
+def test_a_copied_1_channel_input_is_concatenated_with_itself_without_a_slice():
+    # on small tensors each node costs more than the copying it does: no Slice for a whole tensor
+    model = one_channel_input_conv()
+    rewritten, report = ocs_onnx.compile(model, abits=None, ratio=0.3, ocs_guard=False, stop_after="qa-split")
+    assert report["layers"][0]["input_copies"] == "run time"
+    concat = next(n for n in rewritten.graph.node if n.op_type == "Concat")
+    assert list(concat.input) == ["x", "x"]
+    assert not [n for n in rewritten.graph.node if n.op_type == "Slice"]
+    feed = _feed(model)
+    assert max_relative_error(run_model(model, feed)[0], run_model(rewritten, feed)[0]) < 1e-5
+
+
+def test_consecutive_copied_channels_are_one_slice():
+    assert copy_runs([3, 4, 5, 1, 1, 2]) == [(3, 6), (1, 2), (1, 3)]
+    assert copy_runs([]) == []
 
 
 def _dequantized_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:

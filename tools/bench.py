@@ -13,7 +13,8 @@ as its users prepare it) and ocs-onnx at W8A8, W6A8, W5A8 and W4A8 with OCS rati
 (``--aclip none``) (``--quick``: ratios 0 and 0.02, default clip; ``--w8a8``: only the W8A8
 peers and ocs-onnx's default compile). Every quantizer runs in a
 child process on the same model and calibration file, so that its wall time and peak memory
-(the child's max RSS, from wait4) are its own. For every output: the task metric, compile time
+are its own (the child starts from ``tools/peak_rss.py``, a launcher that imports only the
+standard library: a child forked from the bench itself would report at least the bench's size). For every output: the task metric, compile time
 and peak memory as ratios to onnxruntime's MinMax run on the same model in the same run, the
 output size, and the onnxruntime latency of the quantized model relative to the float one (same
 process, one thread, interleaved runs, median of per-run ratios).
@@ -184,17 +185,22 @@ class Run:
     error: str = ""
 
 
+PEAK_RSS_LAUNCHER = Path(__file__).resolve().with_name("peak_rss.py")
+
+
 def run_child(label: str, command: list[str], output: Path) -> Run:
+    """Run one quantizer in its own process, through a small launcher so that the peak RSS
+    measured is the quantizer's own and not floored at this process's size."""
     start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
-    _, status, usage = os.wait4(process.pid, 0)
+    process = subprocess.run(
+        [sys.executable, str(PEAK_RSS_LAUNCHER), *command], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT
+    )
     seconds = time.perf_counter() - start
-    stderr = process.stderr.read().decode(errors="replace").strip()
-    process.stderr.close()
-    process.returncode = os.waitstatus_to_exitcode(status)
+    lines = process.stderr.decode(errors="replace").strip().splitlines()
+    peak_rss_mb = float(lines.pop().split()[1]) if lines and lines[-1].startswith("peak_rss_mb ") else float("nan")
     ok = process.returncode == 0 and output.exists()
-    error = "" if ok else (stderr.splitlines()[-1] if stderr else f"exit {process.returncode}")
-    return Run(label, output, ok, seconds, usage.ru_maxrss / 1024, error)
+    error = "" if ok else (lines[-1] if lines else f"exit {process.returncode}")
+    return Run(label, output, ok, seconds, peak_rss_mb, error)
 
 
 PER_CHANNEL_MIN_OPSET = 13
