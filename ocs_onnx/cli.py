@@ -18,7 +18,7 @@ import click
 
 from . import __version__, bus_error, owned
 from .clip import CLIP_METHODS
-from .config import ACTIVATION_TYPES, GRANULARITIES, ROUNDINGS, SPLIT_MODES, CompileConfig
+from .config import ACTIVATION_TYPES, GRANULARITIES, ROUNDING_INPUTS, ROUNDINGS, SPLIT_MODES, CompileConfig
 from .errors import INTERNAL, USAGE, OcsError, UsageError, first_line, one_line
 from .pass_manager import PassFailure
 from .writing import Publication, default_output_path
@@ -178,6 +178,13 @@ def _option(*flags: str, field: str, **kwargs):
     "(lower output error); auto: hessian below 8 weight bits with --calib-data, nearest otherwise.",
 )
 @_option(
+    "--rounding-inputs",
+    field="rounding_inputs",
+    type=click.Choice(ROUNDING_INPUTS),
+    help="With Hessian rounding: round each layer again on the quantized model's own inputs, kept where its "
+    "output gets closer to the float layer's (quantized), or round on the float model's inputs only (float).",
+)
+@_option(
     "--bias-correction/--no-bias-correction",
     field="bias_correction",
     help="Correct each layer's bias by the mean output shift its weight rounding causes on the calibration data.",
@@ -272,6 +279,7 @@ def compile_command(
     int8_error_margin,
     granularity,
     rounding,
+    rounding_inputs,
     bias_correction,
     activation_type,
     wclip,
@@ -314,6 +322,7 @@ def compile_command(
         int8_error_margin_db=int8_error_margin,
         granularity=granularity,
         rounding=rounding,
+        rounding_inputs=rounding_inputs,
         bias_correction=bias_correction,
         activation_type=activation_type,
         wclip=wclip,

@@ -15,6 +15,10 @@ ACTIVATION_TYPES = ("uint8", "int8")
 # How weights are rounded to their grid: to the nearest level, or by GPTQ on each layer's
 # calibration inputs (ocs_onnx/hessian.py).
 ROUNDINGS = ("auto", "nearest", "hessian")
+# Whose inputs Hessian rounding reads: the float model's only, or then also the quantized
+# model's (each layer re-rounded on the inputs it will really get, kept where that brings its
+# output closer to the float layer's).
+ROUNDING_INPUTS = ("quantized", "float")
 
 
 # --min-split-gain auto: the gain a split must bring at 6 weight bits and more.
@@ -53,6 +57,7 @@ class CompileConfig:
     # up to 80 points more of the task metric, README "Hessian rounding"), nearest otherwise
     # (at 8 bits it gains little and would take 2-3x the compile time).
     rounding: str = "auto"
+    rounding_inputs: str = "quantized"
     bias_correction: bool = False
     # Quantize, beyond the layers, the ops onnxruntime runs as integer kernels (residual Adds,
     # SE Muls, pooling, Concat, Sigmoid, and the data movement between them: ocs_onnx/placement.py).
@@ -107,6 +112,7 @@ class CompileConfig:
         _check_choice("--granularity", self.granularity, GRANULARITIES)
         _check_choice("--activation-type", self.activation_type, ACTIVATION_TYPES)
         _check_choice("--rounding", self.rounding, ROUNDINGS)
+        _check_choice("--rounding-inputs", self.rounding_inputs, ROUNDING_INPUTS)
         _check_choice("--wclip", self.wclip, CLIP_METHODS)
         _check_choice("--aclip", self.aclip, CLIP_METHODS)
         if (
@@ -161,6 +167,11 @@ class CompileConfig:
     def reduces_range(self) -> bool:
         """Every 8-bit weight on the +-63 grid (``--reduce-range``)."""
         return bool(self.reduce_range) and self.wbits == 8
+
+    @property
+    def refines_rounding(self) -> bool:
+        """Hessian-rounded layers are rounded again on the quantized model's inputs."""
+        return self.rounding_method == "hessian" and self.rounding_inputs == "quantized" and not self.bias_correction
 
     @property
     def bounds_pair_sums(self) -> bool:

@@ -15,6 +15,7 @@ with the preservation written once, per fact, rather than in every pass.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -278,6 +279,21 @@ QUANTIZED_ACTIVATIONS = Fact("quantized-activations", Binding.NONE, "marker: Q/D
 VERIFICATION = Fact("verification", Binding.NONE, "dict: what onnxruntime runs, how close it is to float")
 LAYER_INPUTS = Fact("layer-input-statistics", Binding.NAMES, "dict[str, InputGram]: Gram matrix and mean of layer inputs")
 WEIGHT_LEVELS = Fact("weight-levels", Binding.NAMES, "dict[str, WeightLevels]: weights rounded from their inputs")
+FLOAT_RUN = Fact("float-run", Binding.NONE, "FloatRun | None: the float model as calibrated, to run again")
+REFINED_LEVELS = Fact("refined-levels", Binding.NAMES, "dict[str, WeightLevels]: weights rounded again on quantized inputs")
+
+
+@dataclass(frozen=True)
+class FloatRun:
+    """The float model as calibration ran it (without its large weights, ``constants`` fed
+    beside the inputs), and its calibration batches again: what a later pass needs to compare
+    a layer's float inputs with the quantized model's."""
+
+    model: bytes
+    constants: dict
+    specs: list
+    batches: Callable[[], Iterator[dict]]
+    fixed_batch: bool
 
 
 @dataclass(frozen=True)

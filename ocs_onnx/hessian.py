@@ -150,8 +150,81 @@ class InputGram:
         return None if self.total is None or self.rows == 0 else self.total / self.rows
 
 
+class PairedGram:
+    """For one layer, batch by batch: ``H = sum x~ x~^T`` of its input rows in the quantized
+    model, and ``C = sum x x~^T`` with the float model's rows at the same positions (the float
+    input has the layer's original features, the quantized one its split layout). GPTQ on H
+    rounds the weight for the inputs it will really get; with C,
+    ``||W x - Q x~||^2 = tr(Q H Q^T) - 2 tr(W C Q^T) + const`` says how far the quantized
+    layer's output then is from the float layer's."""
+
+    def __init__(self, layout: InputLayout, quantized_tensor: str, seed: int, per_sample: int = ROWS_PER_SAMPLE):
+        self.layout = layout  # of the float input
+        self.quantized_tensor = quantized_tensor
+        self.per_sample = per_sample
+        self.rng = np.random.default_rng(seed)
+        self.gram: np.ndarray | None = None
+        self.cross: np.ndarray | None = None
+        self.rows = 0
+
+    def _rows(self, values: np.ndarray, seed: int) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        if self.layout.kind == "conv2d":
+            return conv_patches(values, self.layout, rng, self.per_sample)
+        samples = values.shape[0] if values.ndim > 1 else 1
+        rows = values.reshape(-1, values.shape[-1])
+        take = min(len(rows), self.per_sample * samples)
+        if take < len(rows):
+            rows = rows[np.sort(rng.choice(len(rows), take, replace=False))]
+        return rows.astype(np.float64)
+
+    def update(self, x: np.ndarray, x_quantized: np.ndarray) -> None:
+        x, x_quantized = np.asarray(x), np.asarray(x_quantized)
+        if self.layout.kind == "conv2d" and (x.ndim != 4 or x_quantized.ndim != 4):
+            return
+        if x.shape[0] != x_quantized.shape[0] or (
+            self.layout.kind == "conv2d" and x.shape[2:] != x_quantized.shape[2:]
+        ):
+            return
+        seed = int(self.rng.integers(2**63))  # the same positions in both
+        rows, rows_quantized = self._rows(x, seed), self._rows(x_quantized, seed)
+        if len(rows) != len(rows_quantized):
+            return
+        rows = np.where(np.isfinite(rows), rows, 0.0)
+        rows_quantized = np.where(np.isfinite(rows_quantized), rows_quantized, 0.0)
+        if self.gram is None:
+            self.gram = np.zeros((rows_quantized.shape[1], rows_quantized.shape[1]))
+            self.cross = np.zeros((rows.shape[1], rows_quantized.shape[1]))
+        if self.cross.shape != (rows.shape[1], rows_quantized.shape[1]):
+            return
+        self.gram += rows_quantized.T @ rows_quantized
+        self.cross += rows.T @ rows_quantized
+        self.rows += len(rows)
+
+
+def float_output_objective(
+    rows: np.ndarray, levels: np.ndarray, scale: np.ndarray, gram: np.ndarray, cross: np.ndarray
+) -> float:
+    """``||W X - Q X~||^2`` less its constant ``||W X||^2``: ``tr(Q H Q^T) - 2 tr(W C Q^T)``, for
+    the weight ``rows`` (W, the layer's split layout: rows x features), its ``levels`` on grid
+    ``scale`` (Q), and a ``PairedGram``'s H and C with C's float features already spread over
+    the split layout (features x features)."""
+    s = np.broadcast_to(
+        expand_to(np.asarray(scale, dtype=np.float64), 2, 0 if np.ndim(scale) else None), (rows.shape[0], 1)
+    )
+    dequantized = levels * s
+    w = np.asarray(rows, dtype=np.float64)
+    return float(
+        np.einsum("od,de,oe->", dequantized, gram, dequantized) - 2 * np.einsum("od,de,oe->", w, cross, dequantized)
+    )
+
+
 def hessian_levels(
-    rows: np.ndarray, gram: np.ndarray, scale: np.ndarray, bits: int, dampening: float = DAMPENING,
+    rows: np.ndarray,
+    gram: np.ndarray,
+    scale: np.ndarray,
+    bits: int,
+    dampening: float = DAMPENING,
     largest_first: bool = True,
 ) -> np.ndarray:
     """GPTQ: the integer levels (rows x features, within +-qmax) of the weight ``rows`` (one per
@@ -229,7 +302,9 @@ def _inverse_cholesky(gram: np.ndarray, dampening: float) -> np.ndarray:
 def output_error(rows: np.ndarray, levels: np.ndarray, scale: np.ndarray, gram: np.ndarray) -> float:
     """``tr((W - Q) H (W - Q)^T)``: the squared output error of rounding ``rows`` to ``levels``
     over the rows whose ``gram`` this is (one K x K for all rows, or one per row)."""
-    s = np.broadcast_to(expand_to(np.asarray(scale, dtype=np.float64), 2, 0 if np.ndim(scale) else None), (rows.shape[0], 1))
+    s = np.broadcast_to(
+        expand_to(np.asarray(scale, dtype=np.float64), 2, 0 if np.ndim(scale) else None), (rows.shape[0], 1)
+    )
     delta = np.asarray(rows, dtype=np.float64) - levels * s
     if gram.ndim == 3:
         return float(np.einsum("od,ode,oe->", delta, gram, delta))

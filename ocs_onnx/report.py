@@ -22,6 +22,7 @@ from .facts import (
     KEPT_FLOAT,
     LAYERS,
     VERIFICATION,
+    REFINED_LEVELS,
     WEIGHT_LEVELS,
     WEIGHT_QUALITY,
     WEIGHT_SCALES,
@@ -111,7 +112,7 @@ def _layer_views(facts: Facts) -> list[_LayerView]:
                 weight_splits.layers[layer.name] if weight_splits is not None else None,
                 scales.get(layer.name),
                 qualities.get(layer.name),
-                facts.get(WEIGHT_LEVELS, {}).get(layer.name),
+                facts.get(REFINED_LEVELS, {}).get(layer.name) or facts.get(WEIGHT_LEVELS, {}).get(layer.name),
             )
         )
     return views
@@ -295,11 +296,13 @@ def summary_text(report: dict) -> str:
             f"{totals['scales_raised_for_overflow']} weight scales raised (coarser grid) so that onnxruntime's uint8 x int8 kernels cannot overflow "
             "their 16-bit pair sums on CPUs without VNNI; --no-reduce-range keeps the full +-127 grid"
         )
-    hessian = sum(1 for layer in report["layers"] if layer["rounding"] == "hessian")
+    hessian = sum(1 for layer in report["layers"] if layer["rounding"].startswith("hessian"))
+    refined = sum(1 for layer in report["layers"] if layer["rounding"] == "hessian, quantized inputs")
     corrected = sum(1 for layer in report["layers"] if layer["bias_corrected"])
     if config["rounding"] == "hessian" or corrected:
         lines.append(
             f"weights rounded by GPTQ on their calibration inputs in {hessian} of {len(report['layers'])} layers"
+            + (f" ({refined} again on the quantized model's inputs)" if refined else "")
             + (f", biases corrected in {corrected}" if corrected else "")
             + (" (the others: nearest, reasons in the JSON report)" if hessian < len(report["layers"]) and config["rounding"] == "hessian" else "")
         )

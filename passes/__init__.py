@@ -48,5 +48,7 @@ DEFAULT_PASSES = [
     quantize_weights.quantize_weights,
     activation_ocs.activation_qa_split,
     quantize_activations.quantize_activations,
+    # the quantized model's own layer inputs exist from here on
+    round_weights.refine_rounding,
     verify.verify_onnxruntime,
 ]

@@ -24,9 +24,11 @@ from ocs_onnx.facts import (
     ACTIVATION_PLAN,
     ACTIVATION_STATISTICS,
     CALIBRATION,
+    FLOAT_RUN,
     LAYER_INPUTS,
     ActivationStatistics,
     Calibration,
+    FloatRun,
 )
 from ocs_onnx.gs_adapter import constant_array, graph_skeleton
 from ocs_onnx.hessian import InputGram
@@ -57,7 +59,9 @@ def _progress(total: int):
     return show
 
 
-@compiler_pass("calibrate", requires=(ACTIVATION_PLAN,), produces=(ACTIVATION_STATISTICS, CALIBRATION, LAYER_INPUTS))
+@compiler_pass(
+    "calibrate", requires=(ACTIVATION_PLAN,), produces=(ACTIVATION_STATISTICS, CALIBRATION, LAYER_INPUTS, FLOAT_RUN)
+)
 def calibrate(graph: gs.Graph, ctx: CompileContext) -> None:
     """The float model runs in onnxruntime on the calibration data: running min/max and a
     streaming histogram per tensor (per channel for activation OCS candidates; with `--rounding
@@ -69,6 +73,7 @@ def calibrate(graph: gs.Graph, ctx: CompileContext) -> None:
     if config.abits is None and not grams:
         ctx.facts[CALIBRATION] = Calibration({"source": "none (weight-only quantization)", "samples": 0}, None)
         ctx.facts[ACTIVATION_STATISTICS] = ActivationStatistics({}, {}, {})
+        ctx.facts[FLOAT_RUN] = None
         return
     # The model without its large weights: onnxruntime reads them from the arrays the graph
     # holds (mapped from the input's data file, say) instead of from a copy.
@@ -82,12 +87,18 @@ def calibrate(graph: gs.Graph, ctx: CompileContext) -> None:
         # A model without inputs computes one thing: one run observes all of it.
         if config.calib_data is not None:
             ctx.warn(f"the model has no inputs; --calib-data {config.calib_data} is not used")
-        total, batches, source = 1, iter([{}]), "none needed (the model has no inputs)"
+        total, source = 1, "none needed (the model has no inputs)"
+
+        def make_batches():
+            return iter([{}])
+
     elif config.calib_data is not None:
         data = open_calibration_data(config.calib_data, specs)
         total = min(config.calib_samples, data.samples)
-        batches = data.batches(total, batch)
         source = str(config.calib_data)
+
+        def make_batches():
+            return data.batches(total, batch)
 
         def synthetic_feed(rows: int) -> dict:
             return next(synthetic_batches(specs, rows, rows, config.seed, limits))
@@ -101,15 +112,29 @@ def calibrate(graph: gs.Graph, ctx: CompileContext) -> None:
                 f"--calib-samples {config.calib_samples:,}: synthetic calibration uses at most {SYNTHETIC_SAMPLES_MAX:,} "
                 "samples (more random inputs do not make the ranges any truer)"
             )
-        batches = synthetic_batches(specs, total, batch, config.seed, limits)
         source = "synthetic"
+
+        def make_batches():
+            return synthetic_batches(specs, total, batch, config.seed, limits)
+
         ctx.warn(
             "no --calib-data: activation ranges come from synthetic random inputs and may not match real data; "
             "pass --calib-data for accuracy, or --abits none for weight-only quantization"
         )
     fixed_batch = any(s.batch_dim is not None for s in specs)
-    if fixed_batch:
-        batches = (feed for feed in batches if next(iter(feed.values())).shape[0] == batch)
+
+    def sized_batches():
+        batches = make_batches()
+        return (feed for feed in batches if next(iter(feed.values())).shape[0] == batch) if fixed_batch else batches
+
+    # a later pass compares the layers' float inputs with the quantized model's on the same data
+    replay = (
+        None
+        if not (config.refines_rounding and grams)
+        else FloatRun(model.SerializeToString(), constants, specs, sized_batches, fixed_batch)
+    )
+    ctx.facts[FLOAT_RUN] = replay
+    batches = sized_batches()
     peak_axes = dict(plan.channel_peak_inputs.values())
     names = sorted(set(plan.tensors.values()) | set(peak_axes) | {gram.layout.tensor for gram in grams.values()})
     result = observe_ranges(

@@ -1,12 +1,14 @@
-"""What each part is worth at low bit widths: nearest rounding, OCS, Hessian rounding (GPTQ),
-both, and bias correction on top, in the layout of the paper's Table 2.
+"""What each part is worth at low bit widths: nearest rounding, OCS, Hessian rounding (GPTQ, on
+the float model's inputs or then also on the quantized model's), Hessian rounding with OCS, and
+bias correction on top, in the layout of the paper's Table 2.
 
 For each model, granularity and weight width (activations 8-bit, the rest default): the task
-metric of every combination, and the compile time of each relative to the nearest-rounding
-compile without OCS in the same run (in brackets).
+metric of every combination, and the compile time of each relative to the first column's
+compile (nearest rounding without OCS, unless ``--only`` leaves it out) in the same run (in
+brackets).
 
     python tools/rounding_ablation.py --models demo ppocrv5-rec ppocrv5-det ppocrv5-cls \\
-        [--bits 8 6 5 4] [--granularity channel tensor]
+        [--bits 8 6 5 4] [--granularity channel tensor] [--only COLUMN ...]
 """
 
 from __future__ import annotations
@@ -23,16 +25,20 @@ import ocs_onnx  # noqa: E402
 from bench import print_per_model, registry  # noqa: E402
 
 # (column, options): OCS at the ratio of the paper's tables, every split kept (as the sweep does)
+# "float inputs": GPTQ on the float model's layer inputs only; "quantized inputs": then again on
+# the quantized model's (--rounding-inputs, the default).
 COMBINATIONS = (
     ("nearest", {"ratio": 0.0, "rounding": "nearest"}),
     ("OCS 0.02", {"ratio": 0.02, "rounding": "nearest"}),
-    ("Hessian", {"ratio": 0.0, "rounding": "hessian"}),
-    ("Hessian + OCS 0.02", {"ratio": 0.02, "rounding": "hessian"}),
-    ("Hessian + OCS 0.02 + bias corr.", {"ratio": 0.02, "rounding": "hessian", "bias_correction": True}),
+    ("Hessian, float inputs", {"ratio": 0.0, "rounding": "hessian", "rounding_inputs": "float"}),
+    ("Hessian, quantized inputs", {"ratio": 0.0, "rounding": "hessian"}),
+    ("Hessian, float inputs + OCS 0.02", {"ratio": 0.02, "rounding": "hessian", "rounding_inputs": "float"}),
+    ("Hessian, quantized inputs + OCS 0.02", {"ratio": 0.02, "rounding": "hessian"}),
+    ("Hessian, float inputs + OCS 0.02 + bias corr.", {"ratio": 0.02, "rounding": "hessian", "bias_correction": True}),
 )
 
 
-def measure(name: str, work: Path, bits: list[int], granularities: list[str]) -> list[str]:
+def measure(name: str, work: Path, bits: list[int], granularities: list[str], combinations=COMBINATIONS) -> list[str]:
     subject = registry()[name](work)
     float_metric = subject.evaluate(Path(subject.model))
     headline = next(iter(float_metric))
@@ -40,7 +46,7 @@ def measure(name: str, work: Path, bits: list[int], granularities: list[str]) ->
     for granularity in granularities:
         for wbits in bits:
             cells, baseline = [], None
-            for _, options in COMBINATIONS:
+            for _, options in combinations:
                 output = work / "model.onnx"
                 start = time.perf_counter()
                 ocs_onnx.compile_file(
@@ -59,10 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=["demo"], choices=sorted(registry()))
     parser.add_argument("--bits", nargs="+", type=int, default=[8, 6, 5, 4])
     parser.add_argument("--granularity", nargs="+", default=["channel", "tensor"], choices=["channel", "tensor"])
+    parser.add_argument("--only", nargs="+", choices=[label for label, _ in COMBINATIONS], help="these columns only")
     args = parser.parse_args(argv)
-    print("| model | scales | bits | " + " | ".join(label for label, _ in COMBINATIONS) + " |")
-    print("|---|---|---|" + "---|" * len(COMBINATIONS))
-    print_per_model(args.models, lambda name, work: measure(name, work, args.bits, args.granularity))
+    chosen = [c for c in COMBINATIONS if args.only is None or c[0] in args.only]
+    print("| model | scales | bits | " + " | ".join(label for label, _ in chosen) + " |")
+    print("|---|---|---|" + "---|" * len(chosen))
+    print_per_model(args.models, lambda name, work: measure(name, work, args.bits, args.granularity, chosen))
     return 0
 
 
