@@ -15,7 +15,7 @@ A layer stays on nearest rounding (said in the report) where its inputs cannot b
 (a grouped Conv that is not depthwise, SAME padding), where activation OCS rescaled its input
 channels, or where its weight is shared with another layer.
 
-refine-rounding (``--rounding-inputs quantized``, the default) runs once the model is quantized.
+refine-rounding (``--rounding-inputs quantized``) runs once the model is quantized.
 The float model's layer inputs are not what the quantized layers get: every layer before them
 adds its error. So the calibration data runs once more through the float model and the
 quantized one side by side, and every Hessian-rounded layer (but depthwise Convs) is rounded

@@ -201,7 +201,11 @@ def test_bad_input_gives_one_line_error_exit_code_and_no_output(case, demo, tmp_
 
 @pytest.mark.parametrize(
     "extra",
-    [["--rounding", "nearest"], ["--rounding", "hessian"], ["--rounding", "hessian", "--bias-correction"]],
+    [
+        ["--rounding", "nearest"],
+        ["--rounding", "hessian", "--rounding-inputs", "quantized"],
+        ["--rounding", "hessian", "--bias-correction"],
+    ],
     ids=["nearest", "hessian-quantized-inputs", "hessian-bias-correction"],
 )
 def test_output_bytes_are_identical_across_processes_with_different_hash_seeds(demo, tmp_path, extra):

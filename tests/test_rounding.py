@@ -56,7 +56,7 @@ def test_the_gram_matrix_streams_batch_by_batch_into_what_one_pass_over_all_rows
         streamed.update(batch)
     rows = x.reshape(-1, 5)
     assert streamed.rows == len(rows)
-    np.testing.assert_allclose(streamed.gram, rows.T @ rows)
+    np.testing.assert_allclose(streamed.gram, rows.T @ rows, rtol=1e-5)  # a batch's products in float32
     np.testing.assert_allclose(streamed.mean, rows.mean(axis=0))
 
 
@@ -192,7 +192,7 @@ def test_the_paired_objective_is_the_output_error_against_the_float_layer_up_to_
     error = np.sum((rows @ w.T - rows_quantized @ (levels * scale[:, None]).T) ** 2)
     constant = np.sum((rows @ w.T) ** 2)
     objective = hessian.float_output_objective(w, levels, scale, pair.gram, pair.cross)
-    assert objective + constant == pytest.approx(error, rel=1e-9)
+    assert objective + constant == pytest.approx(error, rel=1e-4)  # the Gram products are float32
 
 
 def test_conv_patches_of_the_float_and_quantized_inputs_are_taken_at_the_same_positions():
@@ -212,8 +212,8 @@ def _output_sqnr_db(model, reference, feed) -> float:
 
 def test_rounding_again_on_the_quantized_models_inputs_brings_its_output_closer_to_float():
     options = dict(wbits=4, ratio=0.0, rounding="hessian", calib_data=digits.CALIBRATION)
-    float_inputs, float_report = ocs_onnx.compile(str(digits.MODEL), rounding_inputs="float", **options)
-    refined, report = ocs_onnx.compile(str(digits.MODEL), **options)
+    float_inputs, float_report = ocs_onnx.compile(str(digits.MODEL), **options)  # the default
+    refined, report = ocs_onnx.compile(str(digits.MODEL), rounding_inputs="quantized", **options)
     assert {layer["rounding"] for layer in float_report["layers"]} == {"hessian"}
     again = [layer["name"] for layer in report["layers"] if layer["rounding"] == "hessian, quantized inputs"]
     assert again and report["config"]["rounding_inputs"] == "quantized"
@@ -225,8 +225,9 @@ def test_rounding_again_on_the_quantized_models_inputs_brings_its_output_closer_
 
 def test_bias_correction_keeps_the_float_input_rounding_and_an_unknown_rounding_input_is_refused():
     _, report = ocs_onnx.compile(
-        str(digits.MODEL), wbits=4, rounding="hessian", bias_correction=True, calib_data=digits.CALIBRATION
-    )
+        str(digits.MODEL), wbits=4, rounding="hessian", rounding_inputs="quantized", bias_correction=True,
+        calib_data=digits.CALIBRATION,
+    )  # fmt: skip
     assert {layer["rounding"] for layer in report["layers"]} == {"hessian"}
     with pytest.raises(UsageError, match="--rounding-inputs"):
         ocs_onnx.compile(str(digits.MODEL), rounding_inputs="both")
