@@ -28,11 +28,15 @@ def new_session(
     optimization: ort.GraphOptimizationLevel = FULL_OPTIMIZATION,
     config: dict[str, str] | None = None,
     optimized_model_path: str | None = None,
+    memory_arena: bool = True,
 ) -> ort.InferenceSession:
-    """A CPU session on a model (its bytes or its path). Errors are raised, never printed."""
+    """A CPU session on a model (its bytes or its path). Errors are raised, never printed.
+    ``memory_arena=False``: onnxruntime frees each run's buffers instead of keeping them for
+    the next run (for sessions that fetch many intermediate tensors: calibration's)."""
     options = ort.SessionOptions()
     options.log_severity_level = 4
     options.graph_optimization_level = optimization
+    options.enable_cpu_mem_arena = memory_arena
     if optimized_model_path is not None:
         options.optimized_model_filepath = optimized_model_path
     for key, value in (config or {}).items():

@@ -207,7 +207,7 @@ def _paired_inputs(graph: gs.Graph, layers: list[Layer], ctx: CompileContext) ->
         for name in names:
             if name not in inputs and name not in outputs:
                 model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-        sessions.append(new_session(model.SerializeToString(), BASIC_OPTIMIZATION))
+        sessions.append(new_session(model.SerializeToString(), BASIC_OPTIMIZATION, memory_arena=False))
     float_session, quantized_session = sessions
     input_names = {s.name for s in replay.specs}
 
@@ -297,6 +297,6 @@ def refine_rounding(graph: gs.Graph, ctx: CompileContext) -> None:
         nearest = quantize_symmetric(rows, row_scale[:, None] if np.ndim(row_scale) else row_scale, bits)
         base = output_error(rows, nearest, row_scale, pair.gram)
         ratio = output_error(rows, levels, row_scale, pair.gram) / base if base > 0 else 1.0
-        refined[layer.name] = WeightLevels(_from_rows(levels, moved_shape, layer), "hessian, quantized inputs", ratio)
+        refined[layer.name] = WeightLevels(values, "hessian, quantized inputs", ratio)
         ctx.done_with(split.unsplit)
     ctx.count(layers_refined=len(refined), layers_considered=len(candidates))

@@ -63,8 +63,9 @@ from ocs_onnx.quant import (
     symmetric_scale,
 )
 from ocs_onnx.weights import clip_thresholds, scale_axis, split_values
-from .clip_weights import raised_scale
 from ocs_onnx.widening import find_region, widen
+
+from .clip_weights import raised_scale
 
 
 def _widen_input(

@@ -429,11 +429,11 @@ def _headline(row: dict, metric: str) -> str:
 def summary(results: list[dict]) -> list[str]:
     """One line per model: the headline metric of float, onnxruntime's best W8A8 calibration,
     NNCF's default, and ocs-onnx with its defaults at each width (OCS ratio 0 / 0.02), and ocs-onnx's W8A8 compile
-    time and peak memory relative to onnxruntime's MinMax run."""
+    time and peak memory relative to onnxruntime's MinMax run and to NNCF's."""
     low_bits = [b for b in OCS_BITS[1:] if any(r["bits"] == f"W{b}A8" for res in results for r in res["runs"])]
     header = ["model", "metric", "float", "onnxruntime best W8A8", "NNCF W8A8", "ocs-onnx W8A8"]
     header += [f"ocs-onnx W{b}A8 r=0 / 0.02" for b in low_bits]
-    header += ["compile time vs ORT", "peak memory vs ORT"]
+    header += ["compile time vs ORT / NNCF", "peak memory vs ORT / NNCF"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for result in results:
         metric = next(iter(result["float"]))
@@ -453,7 +453,9 @@ def summary(results: list[dict]) -> list[str]:
         cells = [result["model"], metric, f"{result['float'][metric]:.2f}", best_text, _headline(nncf, metric)]
         cells.append(_headline(default, metric))
         cells += [f"{_headline(ocs(b, 0.0), metric)} / {_headline(ocs(b, 0.02), metric)}" for b in low_bits]
-        cells += [_fmt(default.get("time_vs_ort")), _fmt(default.get("memory_vs_ort"))]
+        for key, ratio_to_ort in (("compile_seconds", "time_vs_ort"), ("peak_rss_mb", "memory_vs_ort")):
+            to_nncf = default[key] / nncf[key] if default.get("ok") and nncf.get("ok") else None
+            cells.append(f"{_fmt(default.get(ratio_to_ort))} / {_fmt(to_nncf)}")
         lines.append("| " + " | ".join(cells) + " |")
     return lines + [""]
 
