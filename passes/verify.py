@@ -47,14 +47,21 @@ INTEGER_KERNELS = frozenset(
 KERNEL_AGREEMENT_WARN_DB = 25.0
 
 
-def kernel_disagreement_hint(weight_bits: int, abits: int | None) -> str:
+def kernel_disagreement_hint(weight_bits: int, abits: int | None, pair_sums_bounded: bool = False) -> str:
     """Why integer kernels may disagree with the QDQ arithmetic at these bit widths. uint8 x int8
     kernels without VNNI add pairs of products in 16 bits: 2 x 255 x 127 overflows, but with
-    weights of at most 7 bits (|q| <= 63) or activations below 8 bits it cannot."""
+    weights of at most 7 bits (|q| <= 63) or activations below 8 bits it cannot, and where the
+    weight scales were raised per row (``pair_sums_bounded``) it cannot on the calibration data."""
     if abits is None:
         return (
             "with --abits none the integer kernels come from QuantizeLinear/DequantizeLinear nodes the input model "
             "already had; check them (a float bias on a quantized Conv is ignored when onnxruntime fuses it)"
+        )
+    if weight_bits >= 8 and abits >= 8 and pair_sums_bounded:
+        return (
+            "the weight scales keep 16-bit pair sums from overflowing on the calibration data, so either inputs go "
+            "beyond their calibrated range or the model amplifies the kernels' rounding differences (integer "
+            "Add/Mul/pooling kernels round differently); judge it by its task metric, or try --reduce-range"
         )
     if weight_bits >= 8 and abits >= 8:
         return "likely 16-bit overflow in uint8 x int8 kernels on this CPU; try --reduce-range or lower --wbits/--abits"
@@ -155,13 +162,13 @@ def _verify(graph: gs.Graph, ctx: CompileContext, model: bytes | str) -> None:
             raise VerificationError(
                 f"onnxruntime's integer kernels compute something else than the QDQ model specifies (output SQNR "
                 f"{worst:.1f} dB between them, below --min-kernel-agreement {limit:g}), so nothing was written: "
-                + kernel_disagreement_hint(ctx.config.weight_bits, ctx.config.abits)
+                + kernel_disagreement_hint(ctx.config.weight_bits, ctx.config.abits, ctx.config.bounds_pair_sums)
                 + " (--min-kernel-agreement none writes the model anyway)"
             )
         if worst is not None and worst < KERNEL_AGREEMENT_WARN_DB:
             ctx.warn(
                 f"onnxruntime's integer kernels deviate from the QDQ arithmetic (output SQNR {worst:.1f} dB between them): "
-                + kernel_disagreement_hint(ctx.config.weight_bits, ctx.config.abits)
+                + kernel_disagreement_hint(ctx.config.weight_bits, ctx.config.abits, ctx.config.bounds_pair_sums)
             )
     ctx.facts[VERIFICATION] = result
 

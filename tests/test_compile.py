@@ -240,6 +240,9 @@ def test_kernel_disagreement_is_blamed_on_overflow_only_where_overflow_is_possib
     assert "ruled out" not in kernel_disagreement_hint(weight_bits=8, abits=8)
     for weight_bits, abits in ((7, 8), (6, 8), (8, 6)):
         assert "ruled out" in kernel_disagreement_hint(weight_bits=weight_bits, abits=abits)
+    # the default W8A8 grid: scales raised per row where the calibration data could overflow
+    bounded = kernel_disagreement_hint(weight_bits=8, abits=8, pair_sums_bounded=True)
+    assert "likely 16-bit overflow" not in bounded and "calibration data" in bounded
 
 
 def test_weights_are_int8_within_the_bit_width_with_zero_points_zero():
