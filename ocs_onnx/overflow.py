@@ -112,17 +112,24 @@ def overflow_safe_scale(
     ceiling = np.maximum(np.abs(rows).max(axis=1, initial=0.0) / ALWAYS_SAFE_LEVELS, scale)
     if not per_row:
         ceiling[:] = ceiling.max(initial=0.0)
+    input_peaks = np.asarray(input_peaks)
+    # the rows still to check: with a scale per row, a row that fits keeps its scale, and only
+    # the others are quantized and bounded again
+    active = np.arange(rows.shape[0])
     for _ in range(64):
-        bound = pair_sum_bound(quantize_symmetric(rows, scale[:, None], 8), input_peaks, pairs)
+        peaks = input_peaks[active] if input_peaks.ndim == 2 and input_peaks.shape[0] > 1 else input_peaks
+        bound = pair_sum_bound(quantize_symmetric(rows[active], scale[active, None], 8), peaks, pairs)
         over = bound > limit
         if not per_row and over.any():
             over[:] = True
         if not over.any():
             break
         factor = np.where(over, np.maximum(bound / limit, 1.0 + 1e-3), 1.0)
-        scale = np.minimum(scale * factor, ceiling)
+        scale[active] = np.minimum(scale[active] * factor, ceiling[active])
         if not per_row:
             scale[:] = scale.max()
+        else:
+            active = active[over]
     return scale if per_row else np.asarray(scale[0])
 
 
