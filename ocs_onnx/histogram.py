@@ -29,7 +29,7 @@ def _bin_index(values: np.ndarray, limit: float, bins: int) -> np.ndarray:
     """The bin of every value in a histogram of ``bins`` equal bins over [-limit, limit]."""
     position = np.add(values, limit)  # one temporary, scaled in place (calibration's hot loop)
     position *= bins / (2 * limit)
-    np.floor(position, out=position)
+    # clipped to [0, bins - 1] first, the cast's truncation is the floor: no np.floor pass
     np.clip(position, 0, bins - 1, out=position)
     return position.astype(np.intp)
 
