@@ -408,24 +408,29 @@ class RangeObserver:
         self.channel_peaks: np.ndarray | None = None
 
     def update(self, values: np.ndarray) -> None:
-        if self.peak_axis is not None and values.size:
-            self._update_peaks(values)
-        if values.dtype.kind == "f" and not np.isfinite(values).all():
+        if not values.size:
+            return
+        lo, hi = float(values.min()), float(values.max())
+        finite = np.isfinite(lo) and np.isfinite(hi)  # a NaN or Inf anywhere shows in the min or max
+        if self.peak_axis is not None:
+            self._update_peaks(values, finite)
+        if not finite:
             values = values[np.isfinite(values)]  # a NaN/Inf (e.g. behind an Inf weight) has no grid point
-        if values.size:
+            if not values.size:
+                return
             lo, hi = float(values.min()), float(values.max())
-            self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
-            self.histogram.update(values, peak=max(hi, -lo))
-            if self.channel_histograms is not None:
-                axis = self.channel_axis
-                if values.ndim > (axis if axis >= 0 else -axis - 1) and (
-                    values.shape[axis] == self.channel_histograms.channels
-                ):
-                    self.channel_histograms.update(values, axis)
-                else:  # not the layout the layers promised: no per-channel statistics (no split)
-                    self.channel_histograms = None
+        self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
+        self.histogram.update(values, peak=max(hi, -lo))
+        if self.channel_histograms is not None:
+            axis = self.channel_axis
+            if values.ndim > (axis if axis >= 0 else -axis - 1) and (
+                values.shape[axis] == self.channel_histograms.channels
+            ):
+                self.channel_histograms.update(values, axis)
+            else:  # not the layout the layers promised: no per-channel statistics (no split)
+                self.channel_histograms = None
 
-    def _update_peaks(self, values: np.ndarray) -> None:
+    def _update_peaks(self, values: np.ndarray, finite: bool) -> None:
         axis = self.peak_axis
         if values.ndim <= (axis if axis >= 0 else -axis - 1) or (
             self.channel_peaks is not None and values.shape[axis] != self.channel_peaks.size
@@ -433,7 +438,7 @@ class RangeObserver:
             self.peak_axis, self.channel_peaks = None, None  # not the layer's layout: no peaks
             return
         others = tuple(a for a in range(values.ndim) if a != axis % values.ndim)
-        if values.dtype.kind == "f" and not np.isfinite(values).all():
+        if not finite:
             values = np.where(np.isfinite(values), values, -np.inf)  # no grid point, as above
         peaks = values.max(axis=others).astype(np.float64)
         self.channel_peaks = peaks if self.channel_peaks is None else np.maximum(self.channel_peaks, peaks)
