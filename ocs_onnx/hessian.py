@@ -80,6 +80,19 @@ def _patches_channels_last(x: np.ndarray, layout: InputLayout, rng: np.random.Ge
     return patches
 
 
+def input_rows(values: np.ndarray, layout: InputLayout, rng: np.random.Generator, per_sample: int) -> np.ndarray:
+    """A layer's input as rows of its features (float64), at most ``per_sample`` per sample drawn
+    at random: im2col patches for "conv2d" (``values`` N, C, H, W), the last axis for "rows"."""
+    if layout.kind == "conv2d":
+        return conv_patches(values, layout, rng, per_sample)
+    samples = values.shape[0] if values.ndim > 1 else 1
+    rows = values.reshape(-1, values.shape[-1])
+    take = min(len(rows), per_sample * samples)
+    if take < len(rows):
+        rows = rows[np.sort(rng.choice(len(rows), take, replace=False))]
+    return rows.astype(np.float64)
+
+
 def _gram(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``a^T b`` of one batch's rows, multiplied in float32 (twice as fast as float64, and one
     batch's few thousand rows lose nothing that GPTQ's 1 % dampening would not swamp), summed
@@ -104,17 +117,9 @@ class InputGram:
             if values.ndim == 4:
                 self._update_per_channel(values)
             return
-        if self.layout.kind == "conv2d":
-            if values.ndim != 4:
-                return
-            rows = conv_patches(values, self.layout, self.rng, self.per_sample)
-        else:
-            samples = values.shape[0] if values.ndim > 1 else 1
-            rows = values.reshape(-1, values.shape[-1])
-            take = min(len(rows), self.per_sample * samples)
-            if take < len(rows):
-                rows = rows[np.sort(self.rng.choice(len(rows), take, replace=False))]
-            rows = rows.astype(np.float64)
+        if self.layout.kind == "conv2d" and values.ndim != 4:
+            return
+        rows = input_rows(values, self.layout, self.rng, self.per_sample)
         if not np.isfinite(rows).all():
             rows = np.where(np.isfinite(rows), rows, 0.0)
         if self.gram is None:
@@ -174,17 +179,6 @@ class PairedGram:
         self.cross: np.ndarray | None = None
         self.rows = 0
 
-    def _rows(self, values: np.ndarray, seed: int) -> np.ndarray:
-        rng = np.random.default_rng(seed)
-        if self.layout.kind == "conv2d":
-            return conv_patches(values, self.layout, rng, self.per_sample)
-        samples = values.shape[0] if values.ndim > 1 else 1
-        rows = values.reshape(-1, values.shape[-1])
-        take = min(len(rows), self.per_sample * samples)
-        if take < len(rows):
-            rows = rows[np.sort(rng.choice(len(rows), take, replace=False))]
-        return rows.astype(np.float64)
-
     def update(self, x: np.ndarray, x_quantized: np.ndarray) -> None:
         x, x_quantized = np.asarray(x), np.asarray(x_quantized)
         if self.layout.kind == "conv2d" and (x.ndim != 4 or x_quantized.ndim != 4):
@@ -194,7 +188,8 @@ class PairedGram:
         ):
             return
         seed = int(self.rng.integers(2**63))  # the same positions in both
-        rows, rows_quantized = self._rows(x, seed), self._rows(x_quantized, seed)
+        rows = input_rows(x, self.layout, np.random.default_rng(seed), self.per_sample)
+        rows_quantized = input_rows(x_quantized, self.layout, np.random.default_rng(seed), self.per_sample)
         if len(rows) != len(rows_quantized):
             return
         rows = np.where(np.isfinite(rows), rows, 0.0)
