@@ -15,6 +15,7 @@ Accepted data (``--calib-data``):
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
 import tokenize
@@ -92,17 +93,20 @@ class ArraySource:
     def samples(self) -> int:
         return self.shape[0]
 
-    def iter_rows(self, block: int) -> Iterator[np.ndarray]:
+    def iter_rows(self, block: int, first: int = 0) -> Iterator[np.ndarray]:
+        """Blocks of ``block`` rows from row ``first`` on."""
         row_shape = self.shape[1:]
         row_bytes = int(np.prod(row_shape, dtype=np.int64)) * self.dtype.itemsize
         with _reading(self.where), self.opener() as f:
             _read_header(f, self.where)
             if self.fortran_order:  # rare; such a file cannot be streamed by rows
                 data = np.frombuffer(f.read(), dtype=self.dtype).reshape(self.shape, order="F")
-                for start in range(0, self.samples, block):
+                for start in range(first, self.samples, block):
                     yield np.ascontiguousarray(data[start : start + block])
                 return
-            for start in range(0, self.samples, block):
+            if first:
+                f.seek(row_bytes * min(first, self.samples), io.SEEK_CUR)
+            for start in range(first, self.samples, block):
                 count = min(block, self.samples - start)
                 buf = f.read(row_bytes * count)
                 if len(buf) != row_bytes * count:
@@ -245,12 +249,19 @@ class CalibrationData:
     def samples(self) -> int:
         return sum(next(iter(g.values())).samples for g in self.groups)
 
-    def batches(self, max_samples: int, batch: int) -> Iterator[dict[str, np.ndarray]]:
+    def batches(self, max_samples: int, batch: int, skip: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """Batches of at most ``batch`` samples, ``max_samples`` in all, after the first ``skip``
+        (files in order, a batch never spanning two files)."""
         remaining = max_samples
         for group in self.groups:
             if remaining <= 0:
                 return
-            iterators = {name: src.iter_rows(batch) for name, src in group.items()}
+            count = next(iter(group.values())).samples
+            if skip >= count:
+                skip -= count
+                continue
+            iterators = {name: src.iter_rows(batch, skip) for name, src in group.items()}
+            skip = 0
             while remaining > 0:
                 try:
                     feed = {name: next(it) for name, it in iterators.items()}

@@ -231,6 +231,27 @@ def _option(*flags: str, field: str, **kwargs):
     metavar="PATTERN",
     help="Keep matching nodes float (glob on node name or op type; repeatable).",
 )
+@click.option(
+    "--target-sqnr",
+    type=float,
+    metavar="DB",
+    help="Keep float the fewest quantized tensors, most sensitive first, so that the output SQNR against the float "
+    "model on the last --holdout-samples of --calib-data reaches DB; exit 7 (nothing written) when only a model "
+    "with every activation or half the weights float would.",
+)
+@_option(
+    "--sensitivity",
+    is_flag=True,
+    field="sensitivity",
+    help="Measure the output SQNR of each quantized weight and activation alone on the held-out samples (in the "
+    "report); implied by --target-sqnr.",
+)
+@_option(
+    "--holdout-samples",
+    field="holdout_samples",
+    type=int,
+    help="Samples at the end of --calib-data that calibration leaves to the sensitivity analysis (at most half).",
+)
 @_option("--seed", field="seed", type=int, help="Seed of the synthetic calibration inputs.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON report here.")
 @click.option(
@@ -289,6 +310,9 @@ def compile_command(
     calib_samples,
     calib_batch,
     exclude,
+    target_sqnr,
+    sensitivity,
+    holdout_samples,
     seed,
     report_path,
     dump_after,
@@ -332,6 +356,9 @@ def compile_command(
         calib_samples=calib_samples,
         calib_batch=calib_batch,
         exclude=tuple(exclude),
+        target_sqnr_db=target_sqnr,
+        sensitivity=sensitivity,
+        holdout_samples=holdout_samples,
         seed=seed,
         reduce_range=reduce_range,
         verify=not no_verify,

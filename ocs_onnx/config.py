@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -88,6 +89,15 @@ class CompileConfig:
     # the calibration data. True: every 8-bit weight on the 7-bit grid +-63 (always fits).
     # False: the full grid everywhere (CPUs with VNNI, or other runtimes).
     reduce_range: bool | None = None
+    # Measure what each quantized weight and activation group costs the outputs (output SQNR
+    # against the float model, each alone) on samples calibration leaves out: the last
+    # ``holdout_samples`` of --calib-data. With ``target_sqnr_db``, the fewest of them, most
+    # sensitive first, stay float so that the compiled model's output SQNR on those samples
+    # reaches the target (exit 7 and nothing written when only a model with every activation,
+    # or half the weights, float would).
+    sensitivity: bool = False
+    target_sqnr_db: float | None = None
+    holdout_samples: int = 16
     # Verify the output in onnxruntime (load, count integer kernels, run one batch).
     verify: bool = True
     # The verification fails (exit 6, nothing written) when the outputs of onnxruntime's integer
@@ -125,7 +135,7 @@ class CompileConfig:
             raise UsageError(f"--percentile must be a number in (0, 100], got {self.percentile!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise UsageError(f"--seed must be a non-negative integer, got {self.seed!r}")
-        for name in ("calib_samples", "calib_batch"):
+        for name in ("calib_samples", "calib_batch", "holdout_samples"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
@@ -136,6 +146,14 @@ class CompileConfig:
                             ("--int8-error-margin", self.int8_error_margin_db)):  # fmt: skip
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value != value):
                 raise UsageError(f"{flag} must be a number of dB or 'none', got {value!r}")
+        target = self.target_sqnr_db
+        if target is not None and (
+            isinstance(target, bool) or not isinstance(target, (int, float)) or not math.isfinite(target)
+        ):
+            raise UsageError(f"--target-sqnr must be a number of dB, got {target!r}")
+        if self.analyzes_sensitivity and self.calib_data is None:
+            flag = "--target-sqnr" if target is not None else "--sensitivity"
+            raise UsageError(f"{flag} needs --calib-data: it measures the model on real samples calibration leaves out")
         if self.calib_data is not None:
             object.__setattr__(self, "calib_data", Path(self.calib_data))
         object.__setattr__(self, "exclude", tuple(self.exclude))
@@ -147,6 +165,11 @@ class CompileConfig:
         if self.rounding != "auto":
             return self.rounding
         return "hessian" if self.wbits < 8 and self.calib_data is not None else "nearest"
+
+    @property
+    def analyzes_sensitivity(self) -> bool:
+        """The sensitivity analysis runs (``sensitivity``, or a target to meet)."""
+        return bool(self.sensitivity) or self.target_sqnr_db is not None
 
     @property
     def reads_layer_inputs(self) -> bool:

@@ -13,6 +13,7 @@ INVALID_MODEL = 3
 UNSUPPORTED_MODEL = 4
 CALIBRATION_DATA = 5
 VERIFICATION = 6
+ACCURACY_TARGET = 7
 
 
 def first_line(exc: BaseException) -> str:
@@ -58,3 +59,9 @@ class CalibrationDataError(OcsError):
 
 class VerificationError(OcsError):
     exit_code = VERIFICATION
+
+
+class AccuracyTargetError(OcsError):
+    """``--target-sqnr`` cannot be met by a quantized model (nothing is written)."""
+
+    exit_code = ACCURACY_TARGET

@@ -25,6 +25,7 @@ from .calibration import ReferenceBatch
 from .hessian import InputGram, InputLayout
 from .histogram import ChannelHistograms, SymmetricHistogram
 from .quant import ActivationQParams
+from .sensitivity import Candidate
 
 
 class Binding(enum.Enum):
@@ -280,6 +281,7 @@ VERIFICATION = Fact("verification", Binding.NONE, "dict: what onnxruntime runs, 
 LAYER_INPUTS = Fact("layer-input-statistics", Binding.NAMES, "dict[str, InputGram]: Gram matrix and mean of layer inputs")
 WEIGHT_LEVELS = Fact("weight-levels", Binding.NAMES, "dict[str, WeightLevels]: weights rounded from their inputs")
 FLOAT_RUN = Fact("float-run", Binding.NONE, "FloatRun | None: the float model as calibrated, to run again")
+SENSITIVITY = Fact("sensitivity", Binding.NAMES, "Sensitivity | None: output SQNR per quantized tensor, kept float")
 REFINED_LEVELS = Fact("refined-levels", Binding.NAMES, "dict[str, WeightLevels]: weights rounded again on quantized inputs")
 
 
@@ -294,6 +296,24 @@ class FloatRun:
     specs: list
     batches: Callable[[], Iterator[dict]]
     fixed_batch: bool
+    # the samples calibration left out, for the sensitivity analysis (None: none were)
+    held_out: Callable[[], Iterator[dict]] | None = None
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    """What analyze-sensitivity measured on the held-out samples: the output SQNR against the
+    float model with each candidate alone quantized (QDQ arithmetic), of the compiled model as
+    onnxruntime serves it, the target, the candidates kept float for it (indices, most sensitive
+    first) and the output SQNR with them float."""
+
+    held_out_samples: int
+    candidates: tuple[Candidate, ...]
+    alone_db: tuple[float, ...]
+    quantized_db: float
+    target_db: float | None
+    kept_float: tuple[int, ...]
+    final_db: float
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from .facts import (
     LAYERS,
     VERIFICATION,
     REFINED_LEVELS,
+    SENSITIVITY,
     WEIGHT_LEVELS,
     WEIGHT_QUALITY,
     WEIGHT_SCALES,
@@ -201,6 +202,56 @@ def _kept_float_activations(facts: Facts) -> dict:
     return dict(clipping.kept_float) if clipping is not None else {}
 
 
+def _sensitivity_entry(facts: Facts) -> dict | None:
+    """The sensitivity analysis: every candidate, most sensitive first, with its output SQNR
+    alone and whether the target kept it float."""
+    sensitivity = facts.get(SENSITIVITY)
+    if sensitivity is None:
+        return None
+    kept = set(sensitivity.kept_float)
+    order = sorted(range(len(sensitivity.candidates)), key=lambda i: (sensitivity.alone_db[i], i))
+    return {
+        "held_out_samples": sensitivity.held_out_samples,
+        "target_sqnr_db": sensitivity.target_db,
+        "output_sqnr_db": {"as_quantized": _round(sensitivity.quantized_db), "final": _round(sensitivity.final_db)},
+        "kept_float": [sensitivity.candidates[i].name for i in sensitivity.kept_float],
+        "candidates": [
+            {
+                "name": sensitivity.candidates[i].name,
+                "kind": sensitivity.candidates[i].kind,
+                # None: the candidate alone changes no output (JSON has no infinity)
+                "output_sqnr_db_alone": _round(sensitivity.alone_db[i]),
+                "kept_float": i in kept,
+                "members": list(sensitivity.candidates[i].members),
+            }
+            for i in order
+        ],
+    }
+
+
+def _with_sensitivity(report: dict) -> None:
+    """Each layer and activation entry gets its candidate's output SQNR alone and its decision."""
+    sensitivity = report["sensitivity"]
+    if sensitivity is None:
+        return
+    weights, groups = {}, {}
+    for entry in sensitivity["candidates"]:
+        for name in entry["members"]:
+            (weights if entry["kind"] == "weight" else groups)[name] = entry
+    for layer in report["layers"]:
+        entry = weights.get(layer["name"])
+        layer["sensitivity_db"] = entry["output_sqnr_db_alone"] if entry else None
+        layer["kept_float_for_target"] = bool(entry and entry["kept_float"])
+    for name, activation in report["activations"].items():
+        entry = groups.get(name)
+        activation["sensitivity_db"] = entry["output_sqnr_db_alone"] if entry else None
+        activation["kept_float_for_target"] = bool(entry and entry["kept_float"])
+        if entry and entry["kept_float"]:
+            report["kept_float_activations"][name] = (
+                f"output sensitivity: --target-sqnr {sensitivity['target_sqnr_db']:g} dB keeps it float"
+            )
+
+
 def build_report(ctx: CompileContext, model_in, output: tuple[int, int]) -> dict:
     """The report of a compile; ``model_in`` is the loaded input (``ModelSource``), ``output``
     the output's (parameter count, bytes)."""
@@ -213,7 +264,7 @@ def build_report(ctx: CompileContext, model_in, output: tuple[int, int]) -> dict
     params_before = _weight_count(model_in.proto)
     params_after, bytes_after = output
     calibration = facts.get(CALIBRATION)
-    return {
+    report = {
         "ocs_onnx_version": __version__,
         "source": ctx.source,
         "config": config.as_dict(),
@@ -223,6 +274,7 @@ def build_report(ctx: CompileContext, model_in, output: tuple[int, int]) -> dict
         "activations": _activation_entries(facts, config),
         "integer_ops": _integer_op_entries(facts),
         "kept_float_activations": _kept_float_activations(facts),
+        "sensitivity": _sensitivity_entry(facts),
         "calibration": calibration.summary if calibration is not None else {},
         "onnxruntime": facts.get(VERIFICATION, {}),
         "totals": {
@@ -248,6 +300,8 @@ def build_report(ctx: CompileContext, model_in, output: tuple[int, int]) -> dict
         "pass_seconds": {name: round(seconds, 4) for name, seconds in ctx.pass_seconds.items()},
         "warnings": ctx.warnings,
     }
+    _with_sensitivity(report)
+    return report
 
 
 def report_json(report: dict) -> str:
@@ -329,6 +383,9 @@ def summary_text(report: dict) -> str:
         )
     if report["kept_float"]:
         lines.append(f"kept float: {len(report['kept_float'])} weighted layers (reasons in the report)")
+    sensitivity = report["sensitivity"]
+    if sensitivity is not None:
+        lines.append(_sensitivity_line(sensitivity))
     calib = report["calibration"]
     if calib:
         lines.append(f"calibration: {calib.get('samples', 0)} samples, {calib.get('source')}")
@@ -341,3 +398,21 @@ def summary_text(report: dict) -> str:
         lines.append(line)
     lines.append(f"model size {totals['model_bytes_before']:,} -> {totals['model_bytes_after']:,} bytes")
     return "\n".join(lines)
+
+
+def _sensitivity_line(sensitivity: dict) -> str:
+    ranked = [c for c in sensitivity["candidates"] if c["output_sqnr_db_alone"] is not None][:3]
+    line = (
+        f"sensitivity on {sensitivity['held_out_samples']} held-out samples: output SQNR "
+        f"{_db(sensitivity['output_sqnr_db']['as_quantized']).strip()} as quantized; most sensitive: "
+        + ", ".join(f"{c['name']} ({c['kind']}, {c['output_sqnr_db_alone']:.1f} dB alone)" for c in ranked)
+    )
+    target = sensitivity["target_sqnr_db"]
+    if target is not None:
+        kept = [c for c in sensitivity["candidates"] if c["kept_float"]]
+        weights = sum(1 for c in kept if c["kind"] == "weight")
+        line += (
+            f"; --target-sqnr {target:g} dB: kept float {weights} weights and {len(kept) - weights} activation groups, "
+            f"output SQNR {_db(sensitivity['output_sqnr_db']['final']).strip()}"
+        )
+    return line

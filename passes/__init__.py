@@ -19,6 +19,7 @@ from . import (
     quantize_weights,
     round_weights,
     select,
+    sensitivity,
     shapes,
     verify,
     weight_ocs,
@@ -50,5 +51,9 @@ DEFAULT_PASSES = [
     quantize_activations.quantize_activations,
     # the quantized model's own layer inputs exist from here on
     round_weights.refine_rounding,
+    # the compiled graph is complete: what each of its quantized tensors costs, and what the
+    # accuracy target keeps float
+    sensitivity.analyze_sensitivity,
+    sensitivity.keep_sensitive_float,
     verify.verify_onnxruntime,
 ]

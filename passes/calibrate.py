@@ -59,6 +59,22 @@ def _progress(total: int):
     return show
 
 
+def _held_out_samples(available: int, multiple: int, config) -> int:
+    """How many of the last samples calibration leaves to the sensitivity analysis: the
+    configured number, at most half of them, a multiple of a fixed batch size."""
+    if not config.analyzes_sensitivity:
+        return 0
+    held = min(config.holdout_samples, available // 2) // multiple * multiple
+    if held < 1:
+        flag = "--target-sqnr" if config.target_sqnr_db is not None else "--sensitivity"
+        raise CalibrationDataError(
+            f"{flag} holds out the last samples of --calib-data for its measurements and needs at least "
+            f"{2 * multiple} (half of them held out{f', in batches of {multiple}' if multiple > 1 else ''}); "
+            f"{config.calib_data} has {available}"
+        )
+    return held
+
+
 @compiler_pass(
     "calibrate", requires=(ACTIVATION_PLAN,), produces=(ACTIVATION_STATISTICS, CALIBRATION, LAYER_INPUTS, FLOAT_RUN)
 )
@@ -70,7 +86,7 @@ def calibrate(graph: gs.Graph, ctx: CompileContext) -> None:
     plan = ctx.facts[ACTIVATION_PLAN]
     grams = {layer: InputGram(layout, config.seed) for layer, layout in plan.input_layouts.items()}
     ctx.facts[LAYER_INPUTS] = grams
-    if config.abits is None and not grams:
+    if config.abits is None and not grams and not config.analyzes_sensitivity:
         ctx.facts[CALIBRATION] = Calibration({"source": "none (weight-only quantization)", "samples": 0}, None)
         ctx.facts[ACTIVATION_STATISTICS] = ActivationStatistics({}, {}, {})
         ctx.facts[FLOAT_RUN] = None
@@ -83,6 +99,7 @@ def calibrate(graph: gs.Graph, ctx: CompileContext) -> None:
     batch = _batch_size(specs, config.calib_batch)
     limits = integer_input_limits(graph)
     synthetic_feed = None
+    held, held_out = 0, None
     if not specs:
         # A model without inputs computes one thing: one run observes all of it.
         if config.calib_data is not None:
@@ -92,13 +109,22 @@ def calibrate(graph: gs.Graph, ctx: CompileContext) -> None:
         def make_batches():
             return iter([{}])
 
+        if config.analyzes_sensitivity:
+            held, held_out = 1, make_batches
+
     elif config.calib_data is not None:
         data = open_calibration_data(config.calib_data, specs)
-        total = min(config.calib_samples, data.samples)
+        held = _held_out_samples(data.samples, batch if any(s.batch_dim is not None for s in specs) else 1, config)
+        total = min(config.calib_samples, data.samples - held)
         source = str(config.calib_data)
 
         def make_batches():
             return data.batches(total, batch)
+
+        if held:
+
+            def held_out():
+                return data.batches(held, batch, skip=data.samples - held)
 
         def synthetic_feed(rows: int) -> dict:
             return next(synthetic_batches(specs, rows, rows, config.seed, limits))
@@ -130,10 +156,15 @@ def calibrate(graph: gs.Graph, ctx: CompileContext) -> None:
     # a later pass compares the layers' float inputs with the quantized model's on the same data
     replay = (
         None
-        if not (config.refines_rounding and grams)
-        else FloatRun(model.SerializeToString(), constants, specs, sized_batches, fixed_batch)
+        if not (config.refines_rounding and grams) and not config.analyzes_sensitivity
+        else FloatRun(model.SerializeToString(), constants, specs, sized_batches, fixed_batch, held_out)
     )
     ctx.facts[FLOAT_RUN] = replay
+    if config.abits is None and not grams:  # only the held-out samples were wanted
+        ctx.facts[ACTIVATION_STATISTICS] = ActivationStatistics({}, {}, {})
+        summary = {"source": source, "samples": 0, "held_out_samples": held}
+        ctx.facts[CALIBRATION] = Calibration(summary, None)
+        return
     batches = sized_batches()
     peak_axes = dict(plan.channel_peak_inputs.values())
     names = sorted(set(plan.tensors.values()) | set(peak_axes) | {gram.layout.tensor for gram in grams.values()})
@@ -158,4 +189,6 @@ def calibrate(graph: gs.Graph, ctx: CompileContext) -> None:
             result.ranges, result.histograms, result.channel_histograms, result.channel_peaks
         )
     summary = {"source": source, "samples": result.samples, "batch": batch, "observed_tensors": len(names)}
+    if config.analyzes_sensitivity:
+        summary["held_out_samples"] = held
     ctx.facts[CALIBRATION] = Calibration(summary, result.reference)

@@ -256,7 +256,7 @@ def refine_rounding(graph: gs.Graph, ctx: CompileContext) -> None:
     where its output gets closer to the float layer's"""
     refined: dict[str, WeightLevels] = {}
     ctx.facts[REFINED_LEVELS] = refined
-    if ctx.facts[FLOAT_RUN] is None:
+    if not ctx.config.refines_rounding or ctx.facts[FLOAT_RUN] is None:
         return
     chosen, layouts = ctx.facts[WEIGHT_LEVELS], ctx.facts[ACTIVATION_PLAN].input_layouts
     candidates = [

@@ -829,16 +829,23 @@ def test_a_signal_during_a_compile_leaves_nothing_behind(signum, code, tmp_path)
     scratch.mkdir()
     listing = set(os.listdir(tmp_path))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"TMPDIR": str(scratch)}
-    command = [sys.executable, "-m", "ocs_onnx", "compile", str(model), "--calib-data", str(calib), "--calib-samples", "4096", "-q"]
+    command = [sys.executable, "-m", "ocs_onnx", "compile", str(model), "--calib-data", str(calib), "--calib-samples", "4096", "-v"]
     # importing onnxruntime leaves a session-id file of its own (.ses) in $TMPDIR: not ours
     subprocess.run([sys.executable, "-c", "import onnxruntime"], env=env, check=True)
     scratch_listing = set(os.listdir(scratch))
     child = subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
-    time.sleep(6)  # past start-up, inside the compile
+    progress = []
+    for line in child.stderr:  # inside the compile, however fast the machine: calibration started
+        progress.append(line)
+        if "pass calibrate: start" in line:
+            break
+    time.sleep(0.5)
     child.send_signal(signum)
     _, err = child.communicate(timeout=120)
-    assert child.returncode == code, err
-    assert err.strip().splitlines() == [f"ocs-onnx: {'terminated' if signum == 15 else 'interrupted'}; nothing was written"]
+    assert child.returncode == code, "".join(progress) + err
+    lines = err.strip().splitlines()
+    assert lines[-1] == f"ocs-onnx: {'terminated' if signum == 15 else 'interrupted'}; nothing was written"
+    assert all(line.startswith("ocs-onnx: debug: pass ") for line in lines[:-1]), err
     assert set(os.listdir(tmp_path)) == listing
     assert set(os.listdir(scratch)) == scratch_listing
 
