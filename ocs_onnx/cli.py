@@ -375,6 +375,27 @@ def compile_command(
     log.info("wrote %s%s", " and ".join(written), f" and {report_path}" if report_path else "")
 
 
+@cli.command("compare")
+@click.argument("reference", type=click.Path(path_type=Path))
+@click.argument("candidate", type=click.Path(path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path), help="Inputs in --calib-data's format [default: seeded synthetic inputs].")
+@click.option("--samples", type=int, default=64, show_default=True, help="Compare on at most this many samples.")
+@click.option("--batch", type=int, default=16, show_default=True, help="Batch size (a fixed batch dimension in the models wins).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic inputs.")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+def compare_command(reference, candidate, data, samples, batch, seed, as_json, debug):
+    """How far CANDIDATE's outputs are from REFERENCE's (a compiled model against its float model): per output,
+    SQNR, largest difference, cosine similarity, argmax agreement."""
+    import json
+
+    from .compare import compare_models, comparison_text
+
+    _configure_logging(False, 0)
+    result = compare_models(reference, candidate, data, samples=samples, batch=batch, seed=seed)
+    click.echo(json.dumps(result, indent=2) if as_json else comparison_text(result))
+
+
 class Signalled(BaseException):
     """SIGINT or SIGTERM: unwinds the compile like an exception, so that every temporary file
     and folder it made is removed on the way out (not an Exception: nothing may swallow it)."""

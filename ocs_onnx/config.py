@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -98,6 +99,11 @@ class CompileConfig:
     sensitivity: bool = False
     target_sqnr_db: float | None = None
     holdout_samples: int = 16
+    # Through the Python API: a task metric, ``metric(model path) -> float`` (higher is better),
+    # and the largest drop from the float model's value to accept. The fewest candidates, most
+    # sensitive first, stay float so that it holds (with ``target_sqnr_db`` as well, if set).
+    metric: Callable[[str], float] | None = field(default=None, compare=False)
+    max_drop: float | None = None
     # Verify the output in onnxruntime (load, count integer kernels, run one batch).
     verify: bool = True
     # The verification fails (exit 6, nothing written) when the outputs of onnxruntime's integer
@@ -151,8 +157,15 @@ class CompileConfig:
             isinstance(target, bool) or not isinstance(target, (int, float)) or not math.isfinite(target)
         ):
             raise UsageError(f"--target-sqnr must be a number of dB, got {target!r}")
+        if (self.metric is None) != (self.max_drop is None):
+            raise UsageError("metric and max_drop go together: the metric to hold, and how far it may drop")
+        if self.metric is not None and not callable(self.metric):
+            raise UsageError(f"metric must be a callable taking a model path, got {self.metric!r}")
+        drop = self.max_drop
+        if drop is not None and (isinstance(drop, bool) or not isinstance(drop, (int, float)) or not drop >= 0):
+            raise UsageError(f"max_drop must be a non-negative number, got {drop!r}")
         if self.analyzes_sensitivity and self.calib_data is None:
-            flag = "--target-sqnr" if target is not None else "--sensitivity"
+            flag = "--target-sqnr" if target is not None else ("metric" if self.metric else "--sensitivity")
             raise UsageError(f"{flag} needs --calib-data: it measures the model on real samples calibration leaves out")
         if self.calib_data is not None:
             object.__setattr__(self, "calib_data", Path(self.calib_data))
@@ -169,7 +182,12 @@ class CompileConfig:
     @property
     def analyzes_sensitivity(self) -> bool:
         """The sensitivity analysis runs (``sensitivity``, or a target to meet)."""
-        return bool(self.sensitivity) or self.target_sqnr_db is not None
+        return bool(self.sensitivity) or self.seeks_accuracy
+
+    @property
+    def seeks_accuracy(self) -> bool:
+        """A target to meet: ``target_sqnr_db``, or a metric and its ``max_drop``."""
+        return self.target_sqnr_db is not None or self.metric is not None
 
     @property
     def reads_layer_inputs(self) -> bool:
@@ -211,6 +229,7 @@ class CompileConfig:
         d["dump_after"] = list(self.dump_after)
         d["reduce_range"] = "auto" if self.bounds_pair_sums else self.reduces_range
         d["rounding"] = self.rounding_method
+        d["metric"] = getattr(self.metric, "__qualname__", repr(self.metric)) if self.metric is not None else None
         return d
 
 

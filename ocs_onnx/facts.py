@@ -314,6 +314,10 @@ class Sensitivity:
     target_db: float | None
     kept_float: tuple[int, ...]
     final_db: float
+    # the user's metric (Python API): of the float model, as quantized, final; and max_drop
+    metric: dict | None = None
+    # how many of the held-out samples ranked the candidates
+    ranking_samples: int = 0
 
 
 @dataclass(frozen=True)

@@ -212,9 +212,11 @@ def _sensitivity_entry(facts: Facts) -> dict | None:
     order = sorted(range(len(sensitivity.candidates)), key=lambda i: (sensitivity.alone_db[i], i))
     return {
         "held_out_samples": sensitivity.held_out_samples,
+        "ranking_samples": sensitivity.ranking_samples,
         "target_sqnr_db": sensitivity.target_db,
         "output_sqnr_db": {"as_quantized": _round(sensitivity.quantized_db), "final": _round(sensitivity.final_db)},
         "kept_float": [sensitivity.candidates[i].name for i in sensitivity.kept_float],
+        "metric": sensitivity.metric,
         "candidates": [
             {
                 "name": sensitivity.candidates[i].name,
@@ -248,7 +250,7 @@ def _with_sensitivity(report: dict) -> None:
         activation["kept_float_for_target"] = bool(entry and entry["kept_float"])
         if entry and entry["kept_float"]:
             report["kept_float_activations"][name] = (
-                f"output sensitivity: --target-sqnr {sensitivity['target_sqnr_db']:g} dB keeps it float"
+                f"output sensitivity: the accuracy target ({_target_text(sensitivity)}) keeps it float"
             )
 
 
@@ -407,12 +409,23 @@ def _sensitivity_line(sensitivity: dict) -> str:
         f"{_db(sensitivity['output_sqnr_db']['as_quantized']).strip()} as quantized; most sensitive: "
         + ", ".join(f"{c['name']} ({c['kind']}, {c['output_sqnr_db_alone']:.1f} dB alone)" for c in ranked)
     )
-    target = sensitivity["target_sqnr_db"]
-    if target is not None:
+    if sensitivity["target_sqnr_db"] is not None or sensitivity["metric"] is not None:
         kept = [c for c in sensitivity["candidates"] if c["kept_float"]]
         weights = sum(1 for c in kept if c["kind"] == "weight")
         line += (
-            f"; --target-sqnr {target:g} dB: kept float {weights} weights and {len(kept) - weights} activation groups, "
+            f"; {_target_text(sensitivity)}: kept float {weights} weights and {len(kept) - weights} activation groups, "
             f"output SQNR {_db(sensitivity['output_sqnr_db']['final']).strip()}"
         )
+        metric = sensitivity["metric"]
+        if metric is not None:
+            line += f", metric {metric['final']:.4g} (float {metric['float']:.4g}, as quantized {metric['as_quantized']:.4g})"
     return line
+
+
+def _target_text(sensitivity: dict) -> str:
+    parts = []
+    if sensitivity["target_sqnr_db"] is not None:
+        parts.append(f"--target-sqnr {sensitivity['target_sqnr_db']:g} dB")
+    if sensitivity["metric"] is not None:
+        parts.append(f"metric drop at most {sensitivity['metric']['max_drop']:g}")
+    return " and ".join(parts)

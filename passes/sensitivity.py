@@ -14,6 +14,7 @@ that model is not the quantized model asked for (exit 7, nothing written).
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -21,7 +22,8 @@ import onnx_graphsurgeon as gs
 
 from ocs_onnx.calibration import prepare_feed
 from ocs_onnx.context import CompileContext
-from ocs_onnx.errors import AccuracyTargetError
+from ocs_onnx import owned
+from ocs_onnx.errors import AccuracyTargetError, UsageError
 from ocs_onnx.facts import (
     ACTIVATION_PLAN,
     ACTIVATION_QPARAMS,
@@ -56,8 +58,17 @@ from ocs_onnx.sessions import BASIC_OPTIMIZATION, FULL_OPTIMIZATION, new_session
 
 # The candidates are ranked on the first of the held-out samples: the ranking needs an order,
 # not a precise figure, and costs one run of these samples per candidate (on PP-OCRv5 rec, 135
-# candidates: 8 samples take 2x the plain compile, 4 about 1x). The target is checked on all.
+# candidates: 8 samples take 2x the plain compile, 4 about 1x). At most 4, and no more than
+# hold 2^18 input values together (rec's lines of 3 x 48 x 320: 4; det's 3 x 640 x 640 pages: 1):
+# the run time of a sample grows with its size. The target is checked on all of them.
 RANKING_SAMPLES = 4
+RANKING_INPUT_VALUES = 2**18
+
+
+def ranking_samples(held_out_samples: int, values_per_sample: float) -> int:
+    """How many of the held-out samples rank the candidates."""
+    by_size = int(RANKING_INPUT_VALUES // max(values_per_sample, 1))
+    return max(1, min(RANKING_SAMPLES, held_out_samples, by_size))
 
 
 def _weight_candidates(ctx: CompileContext) -> tuple[list[Candidate], dict[str, np.ndarray]]:
@@ -251,7 +262,8 @@ def analyze_sensitivity(graph: gs.Graph, ctx: CompileContext) -> None:
     if not measured_tensors:
         raise AccuracyTargetError("the model has no float outputs: there is no output SQNR to analyze")
     held_out = _HeldOut.of(ctx.facts[FLOAT_RUN], measured_tensors)
-    ranking = held_out.first(RANKING_SAMPLES)
+    values = sum(v.size for feed in held_out.feeds for v in feed.values()) / max(held_out.samples, 1)
+    ranking = held_out.first(ranking_samples(held_out.samples, values))
     model = graph_to_model(graph)
     alone = []
     if weights:  # activations float
@@ -266,35 +278,99 @@ def analyze_sensitivity(graph: gs.Graph, ctx: CompileContext) -> None:
         alone += _alone_db(ranking.session(switched), ranking, switches, {})
     # most sensitive first; ties (exact tensors) in graph order
     order = sorted(range(len(candidates)), key=lambda i: (alone[i], i))
-    measured: dict[int, float] = {}
-
-    def served(k: int) -> float:
-        """Output SQNR with the k most sensitive float, as onnxruntime serves the model."""
-        if k not in measured:
-            served_model = bypassed_model(model, [candidates[i] for i in order[:k]], floats)
-            measured[k] = held_out.sqnr_db(held_out.session(served_model, FULL_OPTIMIZATION))
-        return measured[k]
-
-    quantized_db = served(0)
-    kept: list[int] = []
-    target = config.target_sqnr_db
-    if target is not None:
-        k = fewest_prefix(lambda k: served(k) >= target, len(order))
-        kept = order[:k] if k is not None else order
-        _check_reachable(candidates, kept, k, target, quantized_db, held_out.samples, served, order)
-    ctx.count(candidates=len(candidates), held_out_samples=held_out.samples, served_models_checked=len(measured))
+    with owned.temporary_folder(ctx.scratch) as folder:
+        search = _Search(model, [candidates[i] for i in order], floats, held_out, ctx, Path(folder))
+        kept: list[int] = []
+        if config.seeks_accuracy:
+            k = fewest_prefix(search.meets, len(order))
+            kept = order[:k] if k is not None else order
+            _check_reachable(candidates, kept, k, search)
+        final = len(kept)
+        metric = None
+        if config.metric is not None:
+            metric = {"float": search.float_metric(), "as_quantized": search.metric(0), "final": search.metric(final),
+                      "max_drop": config.max_drop}  # fmt: skip
+    ctx.count(candidates=len(candidates), held_out_samples=held_out.samples, served_models_checked=len(search.sqnr))
     ctx.facts[SENSITIVITY] = Sensitivity(
         held_out.samples,
         tuple(candidates),
         tuple(alone),
-        quantized_db,
-        target,
+        search.sqnr_db(0),
+        config.target_sqnr_db,
         tuple(kept),
-        served(len(kept)) if target is not None else quantized_db,
+        search.sqnr_db(final),
+        metric,
+        ranking.samples,
     )
 
 
-def _check_reachable(candidates, kept, k, target, quantized_db, samples, served, order) -> None:
+class _Search:
+    """The compiled model with its k most sensitive candidates float, as onnxruntime serves it:
+    its output SQNR on the held-out samples and, through the Python API, the user's metric of
+    it; each measured once."""
+
+    def __init__(self, model, ranked: list[Candidate], floats: dict, held_out: _HeldOut, ctx: CompileContext, folder: Path):
+        self.model, self.ranked, self.floats, self.held_out = model, ranked, floats, held_out
+        self.config, self.source, self.folder = ctx.config, ctx.input_model, folder
+        self.sqnr: dict[int, float] = {}
+        self.metrics: dict[int, float] = {}
+        self._float_metric: float | None = None
+
+    def served(self, k: int) -> onnx.ModelProto:
+        return bypassed_model(self.model, self.ranked[:k], self.floats)
+
+    def sqnr_db(self, k: int) -> float:
+        if k not in self.sqnr:
+            self.sqnr[k] = self.held_out.sqnr_db(self.held_out.session(self.served(k), FULL_OPTIMIZATION))
+        return self.sqnr[k]
+
+    def _metric_of(self, path: Path) -> float:
+        value = self.config.metric(str(path))
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) or not math.isfinite(value):
+            raise UsageError(f"metric: returned {value!r} for {path.name}; it must return a finite number")
+        return float(value)
+
+    def float_metric(self) -> float:
+        if self._float_metric is None:
+            path = self.source.path
+            if path is None:
+                path = self.folder / "float.onnx"
+                path.write_bytes(self.source.proto.SerializeToString())
+            self._float_metric = self._metric_of(path)
+        return self._float_metric
+
+    def metric(self, k: int) -> float:
+        if k not in self.metrics:
+            path = self.folder / f"candidate-{k}.onnx"
+            path.write_bytes(self.served(k).SerializeToString())
+            try:
+                self.metrics[k] = self._metric_of(path)
+            finally:
+                path.unlink()
+        return self.metrics[k]
+
+    def meets(self, k: int) -> bool:
+        """The model with the k most sensitive candidates float meets every target set (the
+        output SQNR first: it is the cheaper to measure)."""
+        target = self.config.target_sqnr_db
+        if target is not None and self.sqnr_db(k) < target:
+            return False
+        return self.config.metric is None or self.float_metric() - self.metric(k) <= self.config.max_drop
+
+    def describe_target(self) -> str:
+        parts = []
+        if self.config.target_sqnr_db is not None:
+            parts.append(f"output SQNR {self.config.target_sqnr_db:g} dB on {self.held_out.samples} held-out samples")
+        if self.config.metric is not None:
+            parts.append(f"a metric drop of at most {self.config.max_drop:g} from the float model's {self.float_metric():.4g}")
+        return " and ".join(parts)
+
+    def describe(self, k: int) -> str:
+        text = _db(self.sqnr_db(k))
+        return text + (f", metric {self.metric(k):.4g}" if self.config.metric is not None else "")
+
+
+def _check_reachable(candidates: list[Candidate], kept: list[int], k: int | None, search: _Search) -> None:
     activations = [i for i, c in enumerate(candidates) if c.kind == ACTIVATION]
     weight_total = sum(c.parameters for c in candidates if c.kind == WEIGHT)
     float_weights = sum(candidates[i].parameters for i in kept if candidates[i].kind == WEIGHT)
@@ -302,16 +378,15 @@ def _check_reachable(candidates, kept, k, target, quantized_db, samples, served,
     half_the_weights = weight_total > 0 and 2 * float_weights > weight_total
     if k is not None and not every_activation and not half_the_weights:
         return
-    where = f"on {samples} held-out samples"
     if k is None:
-        reason = f"not even with every quantized tensor float ({served(len(order)):.1f} dB)"
+        reason = f"not even with every quantized tensor float ({search.describe(len(candidates))})"
     elif every_activation:
         reason = "only with every activation float (quantize weights only: --abits none)"
     else:
         reason = f"only with {100 * float_weights / weight_total:.0f} % of the weights float"
     raise AccuracyTargetError(
-        f"accuracy target not met: output SQNR {target:g} dB {where} is reached {reason}; the compiled model "
-        f"reaches {_db(quantized_db)}; nothing was written"
+        f"accuracy target not met: {search.describe_target()} is reached {reason}; the compiled model "
+        f"reaches {search.describe(0)}; nothing was written"
     )
 
 

@@ -16,7 +16,8 @@ from onnx import helper
 from ocs_onnx import compile, compile_file
 from ocs_onnx.calibration import model_input_specs, open_calibration_data
 from ocs_onnx.cli import main
-from ocs_onnx.errors import ACCURACY_TARGET, CALIBRATION_DATA, USAGE, AccuracyTargetError
+from ocs_onnx.errors import ACCURACY_TARGET, CALIBRATION_DATA, USAGE, AccuracyTargetError, UsageError
+from ocs_onnx.passes.sensitivity import ranking_samples
 from ocs_onnx.sensitivity import OutputError, fewest_prefix
 
 from models import digits
@@ -55,6 +56,7 @@ def test_every_quantized_weight_and_activation_gets_its_output_sqnr_alone():
     _, report = compile(str(digits.MODEL), calib_data=digits.CALIBRATION, sensitivity=True)
     sensitivity = report["sensitivity"]
     assert sensitivity["held_out_samples"] == HELD_OUT
+    assert sensitivity["ranking_samples"] == 4
     assert report["calibration"]["samples"] == 128  # of 200: the last 16 are not calibration's
     assert report["calibration"]["held_out_samples"] == HELD_OUT
     weights = [c for c in sensitivity["candidates"] if c["kind"] == "weight"]
@@ -208,3 +210,76 @@ def test_output_error_is_the_worst_outputs_sqnr():
     assert error.sqnr_db([reference]) == math.inf
     broken = {"a": np.array([3.0, np.nan], dtype=np.float32), "b": reference["b"]}
     assert error.sqnr_db([broken]) == -math.inf
+
+
+def _eval_sqnr_metric(calls: list[str]):
+    """A task metric as a user writes one: the model's output SQNR against the float model on the
+    demo's evaluation images (the float model scores the cap, 100)."""
+    with np.load(digits.EVALUATION) as data:
+        images = data["image"][:64]
+    expected = run_model(onnx.load(str(digits.MODEL)), {"image": images})[0]
+
+    def metric(path: str) -> float:
+        calls.append(path)
+        actual = run_model(onnx.load(path), {"image": images})[0]
+        return 100.0 if np.array_equal(actual, expected) else min(100.0, _sqnr_db(expected, actual))
+
+    return metric
+
+
+def test_a_user_metric_and_max_drop_keep_float_what_the_metric_needs():
+    calls: list[str] = []
+    metric = _eval_sqnr_metric(calls)
+    _, plain = compile(str(digits.MODEL), calib_data=digits.CALIBRATION, sensitivity=True, metric=metric, max_drop=100)
+    as_quantized = plain["sensitivity"]["metric"]["as_quantized"]
+    assert plain["sensitivity"]["kept_float"] == []  # a drop of 100 allows anything
+    calls.clear()
+    drop = 100 - (as_quantized + 3)  # three dB more than the compiled model has
+    compiled, report = compile(str(digits.MODEL), calib_data=digits.CALIBRATION, metric=metric, max_drop=drop)
+    sensitivity = report["sensitivity"]
+    assert sensitivity["metric"]["float"] == 100.0 and sensitivity["metric"]["max_drop"] == drop
+    assert sensitivity["kept_float"] == [c["name"] for c in sensitivity["candidates"]][: len(sensitivity["kept_float"])]
+    assert sensitivity["kept_float"] and sensitivity["metric"]["final"] >= as_quantized + 3
+    # the metric judged the model that was returned
+    with np.load(digits.EVALUATION) as data:
+        images = data["image"][:64]
+    expected = run_model(onnx.load(str(digits.MODEL)), {"image": images})[0]
+    assert _sqnr_db(expected, run_model(compiled, {"image": images})[0]) == pytest.approx(
+        sensitivity["metric"]["final"], abs=1e-6
+    )
+    assert str(digits.MODEL) in calls  # the float model, by its own path
+    assert not any(Path(p).exists() for p in calls if p != str(digits.MODEL))  # candidates removed
+    assert report["config"]["metric"].endswith("metric")
+
+
+def test_a_model_given_in_memory_is_scored_from_a_temporary_copy():
+    calls: list[str] = []
+    _, report = compile(onnx.load(str(digits.MODEL)), calib_data=digits.CALIBRATION, metric=_eval_sqnr_metric(calls), max_drop=100)
+    assert report["sensitivity"]["metric"]["float"] == 100.0
+    assert calls and not any(Path(p).exists() for p in calls)
+
+
+def test_an_unreachable_metric_drop_is_exit_7():
+    with pytest.raises(AccuracyTargetError, match="metric drop of at most 0"):
+        compile(str(digits.MODEL), calib_data=digits.CALIBRATION, metric=_eval_sqnr_metric([]), max_drop=0.0)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(metric=lambda path: 1.0), "metric and max_drop go together"),
+        (dict(max_drop=1.0), "metric and max_drop go together"),
+        (dict(metric="accuracy", max_drop=1.0), "metric must be a callable"),
+        (dict(metric=lambda path: 1.0, max_drop=-1), "max_drop must be a non-negative number"),
+        (dict(metric=lambda path: float("nan"), max_drop=1.0), "it must return a finite number"),
+    ],
+)
+def test_bad_metric_options_are_usage_errors(options, message):
+    with pytest.raises(UsageError, match=message):
+        compile(str(digits.MODEL), calib_data=digits.CALIBRATION, **options)
+
+
+def test_large_samples_rank_on_fewer_of_them():
+    assert ranking_samples(16, 3 * 48 * 320) == 4  # a text line
+    assert ranking_samples(16, 3 * 640 * 640) == 1  # a page
+    assert ranking_samples(2, 64) == 2  # as many as there are
