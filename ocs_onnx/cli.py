@@ -396,6 +396,28 @@ def compare_command(reference, candidate, data, samples, batch, seed, as_json, d
     click.echo(json.dumps(result, indent=2) if as_json else comparison_text(result))
 
 
+@cli.command("inspect")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--calib-data", type=click.Path(path_type=Path), help="Data in the compiler's format: adds the spread of each layer input's channels and the sensitivity ranking.")
+@_option("--wbits", field="wbits", type=int, help="Weight bits the weight errors are measured at (2-8).")
+@_option("--granularity", field="granularity", type=click.Choice(GRANULARITIES), help="Weight scales per output channel or per tensor.")
+@click.option("--samples", type=int, default=32, show_default=True, help="Samples of --calib-data the input spreads are measured on.")
+@click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
+@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+def inspect_command(model, calib_data, wbits, granularity, samples, as_json, debug):
+    """What MODEL's layers look like to a quantizer: weight outliers, the OCS ratio that halves each layer's weight
+    error, and with data the spread of each layer input's channels and the sensitivity ranking."""
+    import json
+
+    from .inspection import inspect_model, inspection_text
+
+    _configure_logging(True, 0)  # the compiles it runs say nothing; errors still do
+    if isinstance(samples, bool) or samples < 1:
+        raise UsageError(f"--samples must be a positive integer, got {samples!r}")
+    result = inspect_model(model, calib_data, wbits=wbits, granularity=granularity, samples=samples)
+    click.echo(json.dumps(result, indent=2, allow_nan=False) if as_json else inspection_text(result))
+
+
 class Signalled(BaseException):
     """SIGINT or SIGTERM: unwinds the compile like an exception, so that every temporary file
     and folder it made is removed on the way out (not an Exception: nothing may swallow it)."""
