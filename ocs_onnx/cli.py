@@ -108,6 +108,35 @@ def _option(*flags: str, field: str, **kwargs):
     return click.option(*flags, default=getattr(DEFAULTS, field), show_default=True, **kwargs)
 
 
+# CompileConfig fields whose flag's parameter has another name
+_FLAG_PARAMETERS = {
+    "fold_ocs_copies": "fold_copies",
+    "min_split_gain_db": "min_split_gain",
+    "int8_error_margin_db": "int8_error_margin",
+    "target_sqnr_db": "target_sqnr",
+    "verify": "no_verify",
+    "min_kernel_agreement_db": "min_kernel_agreement",
+}
+
+
+def _effective_config(flags: dict, config_path: Path | None) -> CompileConfig:
+    """The flags' configuration, over the --config file's where a flag was not given."""
+    if config_path is None:
+        return CompileConfig(**flags)
+    from .config_file import read_config_file
+
+    options = read_config_file(config_path)
+    context = click.get_current_context()
+    for key, value in flags.items():
+        source = context.get_parameter_source(_FLAG_PARAMETERS.get(key, key))
+        if key not in options or source not in (click.core.ParameterSource.DEFAULT, None):
+            options[key] = value
+    try:
+        return CompileConfig(**options)
+    except UsageError as exc:
+        raise UsageError(f"{exc.message} (from --config {config_path} or a flag)")
+
+
 @cli.command("compile")
 @click.argument("model", required=False, type=click.Path(dir_okay=True, path_type=Path))
 @click.option(
@@ -281,6 +310,13 @@ def _option(*flags: str, field: str, **kwargs):
     help="Write the weights to OUTPUT.data beside the output (ONNX external data); "
     "always done for a model beyond protobuf's 2 GiB limit.",
 )
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    help="A TOML file of compile options (the keys of CompileConfig, README \"Config files\"); flags given win.",
+)
+@click.option("--print-config", is_flag=True, help="Print the effective configuration as TOML and exit.")
 @click.option("--list-passes", is_flag=True, help="Show the pass pipeline, with what each pass requires and produces, and exit.")
 @click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
 @click.option("-v", "--verbose", count=True, help="Print per-pass progress.")
@@ -320,6 +356,8 @@ def compile_command(
     no_verify,
     min_kernel_agreement,
     external_data,
+    config_path,
+    print_config,
     list_passes,
     quiet,
     verbose,
@@ -330,10 +368,7 @@ def compile_command(
         _list_passes()
         return
     _configure_logging(quiet, verbose)
-    if model is None:
-        raise UsageError("missing MODEL: give the path of an .onnx file (see ocs-onnx compile --help)")
-    output = output if output is not None else default_output_path(model)
-    config = CompileConfig(
+    flags = dict(
         wbits=wbits,
         abits=abits,
         ratio=ratio,
@@ -366,6 +401,15 @@ def compile_command(
         external_data=external_data,
         dump_after=tuple(dump_after),
     )
+    config = _effective_config(flags, config_path)
+    if print_config:
+        from .config_file import config_toml
+
+        click.echo(config_toml(config), nl=False)
+        return
+    if model is None:
+        raise UsageError("missing MODEL: give the path of an .onnx file (see ocs-onnx compile --help)")
+    output = output if output is not None else default_output_path(model)
     from .compiler import compile_file
     from .report import summary_text
 

@@ -7,9 +7,10 @@ behind it: keeping one of them float while the others quantize its values again 
 grid would change nothing). Each candidate has one or more *sites*, a dequantized tensor and the
 float tensor it stands for.
 
-The analysis runs the quantized graph as a *switched* model: every site reads
+The analysis runs the quantized graph as a *switched* model: every activation site reads
 ``float + m * (dequantized - float)`` with ``m`` a scalar input of its candidate, 1 quantized,
-0 float. One onnxruntime session then measures any mix of quantized and float candidates: the
+0 float (a layer reading a weight candidate computes its output from both weights and mixes
+the outputs alike: ``layer_switched_model``). One onnxruntime session then measures any mix of quantized and float candidates: the
 output SQNR of each candidate alone against the float model (its sensitivity) takes one run of
 the held-out samples per candidate, with no session per candidate. The switches follow the QDQ
 arithmetic (no integer kernels fuse around them); the search for the fewest float candidates
@@ -99,15 +100,14 @@ def _producers(graph: onnx.GraphProto) -> dict[str, int]:
 
 
 def switched_model(model: onnx.ModelProto, candidates: Sequence[Candidate]) -> tuple[onnx.ModelProto, list[str]]:
-    """A copy of ``model`` in which every site of candidate i reads
-    ``float + switch_i * (dequantized - float)``; returns it and the names of the switch inputs
-    (scalar floats). Weight sites' float values become inputs of their own name, to be fed."""
+    """A copy of ``model`` in which every site of candidate i (activations: their float values
+    are tensors of the model) reads ``float + switch_i * (dequantized - float)``; returns it and
+    the names of the switch inputs (scalar floats)."""
     switched = onnx.ModelProto()
     switched.CopyFrom(model)
     graph = switched.graph
     producers = _producers(graph)
     after: dict[int, list[onnx.NodeProto]] = {}
-    inputs = {i.name for i in graph.input} | {t.name for t in graph.initializer}
     switches = []
     for index, candidate in enumerate(candidates):
         switch = f"ocs_switch/{index}"
@@ -118,9 +118,6 @@ def switched_model(model: onnx.ModelProto, candidates: Sequence[Candidate]) -> t
             node = graph.node[producer]
             quantized = f"{site.dequantized}/quantized"
             node.output[list(node.output).index(site.dequantized)] = quantized
-            if site.float_value not in inputs and site.float_value not in producers:
-                graph.input.append(helper.make_tensor_value_info(site.float_value, onnx.TensorProto.FLOAT, None))
-                inputs.add(site.float_value)
             error, scaled = f"{site.dequantized}/error", f"{site.dequantized}/switched_error"
             after.setdefault(producer, []).extend(
                 [

@@ -20,10 +20,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from ocs_onnx import owned
 from ocs_onnx.calibration import prepare_feed
 from ocs_onnx.context import CompileContext
-from ocs_onnx import owned
-from ocs_onnx.errors import AccuracyTargetError, UsageError
+from ocs_onnx.errors import AccuracyTargetError, UnsupportedModelError, UsageError
 from ocs_onnx.facts import (
     ACTIVATION_PLAN,
     ACTIVATION_QPARAMS,
@@ -235,10 +235,10 @@ def _measured_tensors(graph: gs.Graph, sites: dict[str, Site]) -> dict[str, str]
     return measured
 
 
-def _alone_db(session, held_out: _HeldOut, switches: list[str], fed: dict) -> list[float]:
+def _alone_db(session, held_out: _HeldOut, switches: list[str]) -> list[float]:
     """The output SQNR with each switch alone on."""
     off = {switch: np.array(0.0, dtype=np.float32) for switch in switches}
-    return [held_out.sqnr_db(session, {**fed, **off, switch: np.array(1.0, dtype=np.float32)}) for switch in switches]
+    return [held_out.sqnr_db(session, {**off, switch: np.array(1.0, dtype=np.float32)}) for switch in switches]
 
 
 @compiler_pass(
@@ -260,10 +260,10 @@ def analyze_sensitivity(graph: gs.Graph, ctx: CompileContext) -> None:
     candidates = weights + activations
     measured_tensors = _measured_tensors(graph, sites)
     if not measured_tensors:
-        raise AccuracyTargetError("the model has no float outputs: there is no output SQNR to analyze")
+        raise UnsupportedModelError("the model has no float outputs: there is no output SQNR to analyze")
     held_out = _HeldOut.of(ctx.facts[FLOAT_RUN], measured_tensors)
-    values = sum(v.size for feed in held_out.feeds for v in feed.values()) / max(held_out.samples, 1)
-    ranking = held_out.first(ranking_samples(held_out.samples, values))
+    values_per_sample = sum(v.size for feed in held_out.feeds for v in feed.values()) / max(held_out.samples, 1)
+    ranking = held_out.first(ranking_samples(held_out.samples, values_per_sample))
     model = graph_to_model(graph)
     alone = []
     if weights:  # activations float
@@ -272,10 +272,10 @@ def analyze_sensitivity(graph: gs.Graph, ctx: CompileContext) -> None:
             for c in weights
         }
         switched, switches = layer_switched_model(bypassed_model(model, activations), weights, values)
-        alone += _alone_db(ranking.session(switched), ranking, switches, {})
+        alone += _alone_db(ranking.session(switched), ranking, switches)
     if activations:  # weights float
         switched, switches = switched_model(bypassed_model(model, weights, floats), activations)
-        alone += _alone_db(ranking.session(switched), ranking, switches, {})
+        alone += _alone_db(ranking.session(switched), ranking, switches)
     # most sensitive first; ties (exact tensors) in graph order
     order = sorted(range(len(candidates)), key=lambda i: (alone[i], i))
     with owned.temporary_folder(ctx.scratch) as folder:
