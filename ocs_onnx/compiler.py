@@ -23,6 +23,8 @@ from .gs_adapter import graph_to_model, parameter_count
 from .loading import ModelSource, load_model
 from .pass_manager import AfterEach, DumpAfter, Pass, PassManager, StopAfter, Timing, VerifyEach
 from .passes import DEFAULT_PASSES
+from .facts import CALIBRATION
+from .readers import describe, is_data_object, spill_to_npz
 from .report import build_report, report_json
 from .sessions import check_onnxruntime_loads
 from .external_data import data_file_name
@@ -65,6 +67,16 @@ def compile_graph(
     to stream) and the context the report is built from. Temporary files go to ``scratch``; the
     files ``--dump-after`` writes are appended to ``dumped``."""
     dumped = [] if dumped is None else dumped
+    if is_data_object(config.calib_data):
+        # read once, into a file that every pass may read again (ocs_onnx/readers.py)
+        with owned.temporary_folder(scratch) as folder:
+            spilled = replace(config, calib_data=spill_to_npz(config.calib_data, Path(folder)))
+            graph, ctx = compile_graph(source, spilled, dump_prefix, scratch, dumped)
+        ctx.config = config  # the report names the data as given
+        calibration = ctx.facts.get(CALIBRATION)
+        if calibration is not None and calibration.summary.get("source") == str(spilled.calib_data):
+            calibration.summary["source"] = describe(config.calib_data)
+        return graph, ctx
     if config.abits is not None or config.verify:
         check_onnxruntime_loads(source, config.abits)
     where = source.where if source.path is not None else "<in-memory model>"
@@ -161,7 +173,7 @@ def planned_outputs(output: Path, report: Path | None, dump_after: tuple[str, ..
 def input_files(model_files: list[Path], calib_data: Path | None) -> list[tuple[Path, str]]:
     """Every file a compile reads, described: the model, its data files, the calibration data."""
     inputs = [(model_files[0], "the input model")] + [(p, "a data file of the input model") for p in model_files[1:]]
-    if calib_data is not None:
+    if calib_data is not None and not is_data_object(calib_data):
         calib_data = Path(calib_data)
         files = sorted(p for p in calib_data.iterdir() if p.is_file()) if calib_data.is_dir() else [calib_data]
         inputs += [(path, "calibration data (--calib-data)") for path in files]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .clip import CLIP_METHODS
 from .errors import UsageError
 from .quant import MAX_BITS, MIN_BITS
+from .readers import describe, is_data_object
 
 SPLIT_MODES = ("qa", "naive")
 GRANULARITIES = ("channel", "tensor")
@@ -78,7 +79,10 @@ class CompileConfig:
     # range, one value in ten thousand sets the step for all the others (README, defaults).
     aclip: str = "percentile"
     percentile: float = 99.99
-    calib_data: Path | None = None
+    # A path (an .npz, or a folder of .npz/.npy files), or through the API an onnxruntime
+    # CalibrationDataReader, an iterable of {input: array} batches, or a callable returning
+    # one batch per call (ocs_onnx/readers.py).
+    calib_data: Path | object | None = None
     calib_samples: int = 128
     calib_batch: int = 16
     # Glob patterns on node names or op types; matching nodes stay float.
@@ -167,7 +171,7 @@ class CompileConfig:
         if self.analyzes_sensitivity and self.calib_data is None:
             flag = "--target-sqnr" if target is not None else ("metric" if self.metric else "--sensitivity")
             raise UsageError(f"{flag} needs --calib-data: it measures the model on real samples calibration leaves out")
-        if self.calib_data is not None:
+        if self.calib_data is not None and not is_data_object(self.calib_data):
             object.__setattr__(self, "calib_data", Path(self.calib_data))
         object.__setattr__(self, "exclude", tuple(self.exclude))
         object.__setattr__(self, "dump_after", tuple(self.dump_after))
@@ -223,8 +227,9 @@ class CompileConfig:
         return self.reduce_range is None and self.wbits == 8 and self.abits == 8
 
     def as_dict(self) -> dict:
-        d = asdict(self)
-        d["calib_data"] = str(self.calib_data) if self.calib_data is not None else None
+        d = {f.name: getattr(self, f.name) for f in fields(self)}  # asdict would deep-copy a reader
+        data = self.calib_data
+        d["calib_data"] = None if data is None else (describe(data) if is_data_object(data) else str(data))
         d["exclude"] = list(self.exclude)
         d["dump_after"] = list(self.dump_after)
         d["reduce_range"] = "auto" if self.bounds_pair_sums else self.reduces_range
