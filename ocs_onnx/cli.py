@@ -7,6 +7,7 @@ README); ``--debug`` adds the traceback.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import signal
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from . import __version__, bus_error, owned
+from . import __version__, bus_error, owned, progress
 from .clip import CLIP_METHODS
 from .config import ACTIVATION_TYPES, GRANULARITIES, ROUNDING_INPUTS, ROUNDINGS, SPLIT_MODES, CompileConfig
 from .errors import INTERNAL, USAGE, OcsError, UsageError, first_line, one_line
@@ -75,9 +76,17 @@ class _MessageFormatter(logging.Formatter):
         return f"ocs-onnx: {record.levelname.lower()}: {one_line(record.getMessage())}"
 
 
-def _configure_logging(quiet: bool, verbose: int) -> None:
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per record, for CI systems that parse their logs."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps({"level": record.levelname.lower(), "message": record.getMessage()})
+
+
+def _configure_logging(quiet: bool, verbose: int, log_format: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_MessageFormatter())
+    handler.setFormatter(_JsonFormatter() if log_format == "json" else _MessageFormatter())
+    progress.enabled = log_format != "json"
     log.handlers[:] = [handler]
     log.propagate = False
     log.setLevel(logging.ERROR if quiet else logging.DEBUG if verbose else logging.INFO)
@@ -320,6 +329,13 @@ def _effective_config(flags: dict, config_path: Path | None) -> CompileConfig:
 @click.option("--list-passes", is_flag=True, help="Show the pass pipeline, with what each pass requires and produces, and exit.")
 @click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
 @click.option("-v", "--verbose", count=True, help="Print per-pass progress.")
+@click.option(
+    "--log-format",
+    type=click.Choice(("text", "json")),
+    default="text",
+    show_default=True,
+    help="Log lines for people, or one JSON object per line ({level, message}; errors add exit_code).",
+)
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
 def compile_command(
     model,
@@ -361,13 +377,14 @@ def compile_command(
     list_passes,
     quiet,
     verbose,
+    log_format,
     debug,
 ):
     """Quantize MODEL (an .onnx file) into a QDQ model that onnxruntime runs on integer kernels."""
     if list_passes:
         _list_passes()
         return
-    _configure_logging(quiet, verbose)
+    _configure_logging(quiet, verbose, log_format)
     flags = dict(
         wbits=wbits,
         abits=abits,
@@ -501,32 +518,48 @@ def _signals_unwind():
                 signal.signal(s, handler)
 
 
+def _json_logs(args: list[str]) -> bool:
+    return any(a == "--log-format=json" or (a == "--log-format" and b == "json") for a, b in zip(args, args[1:] + [""]))
+
+
+def _say(line: str, code: int, as_json: bool) -> None:
+    """The one line a failure ends in, ``ocs-onnx: <line>``, or its JSON form (the message
+    without the 'error: ' that the level says)."""
+    if as_json:
+        message = line.removeprefix("error: ")
+        click.echo(json.dumps({"level": "error", "message": one_line(message), "exit_code": code}), err=True)
+    else:
+        click.echo(one_line(f"ocs-onnx: {line}"), err=True)
+
+
 def main(argv=None) -> int:
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    args = list(argv if argv is not None else sys.argv[1:])
+    debug = "--debug" in args
+    as_json = _json_logs(args)
     try:
         with _signals_unwind():
             cli.main(args=argv, prog_name="ocs-onnx", standalone_mode=False)
         return 0
     except Signalled as exc:
         name = "interrupted" if exc.signum == signal.SIGINT else "terminated"
-        click.echo(f"ocs-onnx: {name}; nothing was written", err=True)
+        _say(f"{name}; nothing was written", 128 + exc.signum, as_json)
         return 128 + exc.signum
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.exceptions.Abort:
-        click.echo("ocs-onnx: aborted", err=True)
+        _say("aborted", 130, as_json)
         return 130
     except click.UsageError as exc:
         hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
-        click.echo(one_line(f"ocs-onnx: error: {exc.format_message()}{hint}"), err=True)
+        _say(f"error: {exc.format_message()}{hint}", USAGE, as_json)
         return USAGE
     except OcsError as exc:
         if debug:
             traceback.print_exc()
-        click.echo(one_line(f"ocs-onnx: error: {exc.message}"), err=True)
+        _say(f"error: {exc.message}", exc.exit_code, as_json)
         return exc.exit_code
     except KeyboardInterrupt:
-        click.echo("ocs-onnx: interrupted", err=True)
+        _say("interrupted", 130, as_json)
         return 130
     except Exception as exc:  # a bug in ocs-onnx: say so in one line, keep the traceback for --debug
         if debug:
@@ -534,7 +567,7 @@ def main(argv=None) -> int:
         # a pass's failure names the pass and the passes before it
         message = f": {first_line(exc)}" if str(exc).strip() else ""
         where = f" {exc}" if isinstance(exc, PassFailure) else f": {type(exc).__name__}{message}"
-        click.echo(one_line(f"ocs-onnx: internal error{where} (rerun with --debug for the traceback)"), err=True)
+        _say(f"internal error{where} (rerun with --debug for the traceback)", INTERNAL, as_json)
         return INTERNAL
 
 

@@ -4,7 +4,6 @@ seeded synthetic inputs and says so; with ``--abits none`` there is nothing to c
 
 from __future__ import annotations
 
-import sys
 
 import onnx_graphsurgeon as gs
 
@@ -18,7 +17,7 @@ from ocs_onnx.calibration import (
     synthetic_batches,
     synthetic_sample_bytes,
 )
-from ocs_onnx.context import CompileContext, log
+from ocs_onnx.context import CompileContext
 from ocs_onnx.errors import CalibrationDataError
 from ocs_onnx.facts import (
     ACTIVATION_PLAN,
@@ -33,6 +32,7 @@ from ocs_onnx.facts import (
 from ocs_onnx.gs_adapter import constant_array, graph_skeleton
 from ocs_onnx.hessian import InputGram
 from ocs_onnx.pass_manager import compiler_pass
+from ocs_onnx.progress import progress
 
 
 # Random inputs beyond this many add time, not information.
@@ -44,19 +44,6 @@ def _batch_size(specs: list[InputSpec], requested: int) -> int:
     if len(static) > 1:
         raise CalibrationDataError(f"model inputs have different fixed batch sizes {sorted(static)}")
     return static.pop() if static else requested
-
-
-def _progress(total: int):
-    if not sys.stderr.isatty() or not log.isEnabledFor(20):
-        return None
-
-    def show(done: int) -> None:
-        sys.stderr.write(f"\rcalibrating: {done}/{total} samples")
-        if done >= total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-    return show
 
 
 def _held_out_samples(available: int, multiple: int, config) -> int:
@@ -173,7 +160,7 @@ def calibrate(graph: gs.Graph, ctx: CompileContext) -> None:
         names,
         batches,
         specs,
-        on_batch=_progress(total),
+        on_batch=progress("calibrating", total, " samples"),
         channel_layouts=plan.split_candidates,
         synthetic_feed=synthetic_feed,
         constants=constants,

@@ -41,6 +41,7 @@ from ocs_onnx.facts import (
 from ocs_onnx.gs_adapter import constant_array, graph_to_model
 from ocs_onnx.pass_manager import GraphEffect, compiler_pass
 from ocs_onnx.placement import PASS_THROUGH_OPS
+from ocs_onnx.progress import progress
 from ocs_onnx.sensitivity import (
     ACTIVATION,
     WEIGHT,
@@ -235,10 +236,16 @@ def _measured_tensors(graph: gs.Graph, sites: dict[str, Site]) -> dict[str, str]
     return measured
 
 
-def _alone_db(session, held_out: _HeldOut, switches: list[str]) -> list[float]:
+def _alone_db(session, held_out: _HeldOut, switches: list[str], kind: str) -> list[float]:
     """The output SQNR with each switch alone on."""
     off = {switch: np.array(0.0, dtype=np.float32) for switch in switches}
-    return [held_out.sqnr_db(session, {**off, switch: np.array(1.0, dtype=np.float32)}) for switch in switches]
+    show = progress(f"sensitivity of the {kind}", len(switches))
+    alone = []
+    for switch in switches:
+        alone.append(held_out.sqnr_db(session, {**off, switch: np.array(1.0, dtype=np.float32)}))
+        if show is not None:
+            show(len(alone))
+    return alone
 
 
 @compiler_pass(
@@ -272,10 +279,10 @@ def analyze_sensitivity(graph: gs.Graph, ctx: CompileContext) -> None:
             for c in weights
         }
         switched, switches = layer_switched_model(bypassed_model(model, activations), weights, values)
-        alone += _alone_db(ranking.session(switched), ranking, switches)
+        alone += _alone_db(ranking.session(switched), ranking, switches, "weights")
     if activations:  # weights float
         switched, switches = switched_model(bypassed_model(model, weights, floats), activations)
-        alone += _alone_db(ranking.session(switched), ranking, switches)
+        alone += _alone_db(ranking.session(switched), ranking, switches, "activations")
     # most sensitive first; ties (exact tensors) in graph order
     order = sorted(range(len(candidates)), key=lambda i: (alone[i], i))
     with owned.temporary_folder(ctx.scratch) as folder:
