@@ -452,6 +452,38 @@ def two_branch_conv_net(seed: int = 0, channels: int = 8, outlier_channel: int |
     )
 
 
+def stateful_lstm_net(seed: int = 0, features: int = 8, hidden: int = 16, classes: int = 4) -> onnx.ModelProto:
+    """A streaming model without a batch axis, as voice-activity detectors are exported:
+    x ["seq", features] and the LSTM's states h, c [1, 1, hidden] in; per-frame scores
+    y ["seq", classes] (a projection, then a MatMul head) and the new states out. Its first
+    axis is time, not samples: calibration data stacks whole feeds along an axis of its own."""
+    rng = np.random.default_rng(seed)
+    g = _GraphBuilder()
+    w_in = g.init("proj.weight", _weight(rng, (features, features), features, in_axis=0))
+    x = g.node("MatMul", ["x", w_in], "proj/matmul")
+    axes = g.init("axes", np.array([1], dtype=np.int64))
+    x3 = g.node("Unsqueeze", [x, axes], "lstm/unsqueeze")
+    w = g.init("lstm.W", (rng.normal(size=(1, 4 * hidden, features)) / np.sqrt(features)).astype(np.float32))
+    r = g.init("lstm.R", (rng.normal(size=(1, 4 * hidden, hidden)) / np.sqrt(hidden)).astype(np.float32))
+    b = g.init("lstm.B", (0.1 * rng.normal(size=(1, 8 * hidden))).astype(np.float32))
+    g.nodes.append(
+        helper.make_node("LSTM", [x3, w, r, b, "", "h", "c"], ["lstm_y", "h_out", "c_out"], name="lstm", hidden_size=hidden)
+    )
+    y = g.node("Squeeze", ["lstm_y", g.init("squeeze_axes", np.array([1, 2], dtype=np.int64))], "lstm/squeeze")
+    head = g.init("head.weight", _weight(rng, (hidden, classes), hidden, in_axis=0))
+    g.node("MatMul", [y, head], "head/matmul")
+    _rename_last_output(g, "y")
+    return g.model(
+        "stateful_lstm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["seq", features]),
+         helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, 1, hidden]),
+         helper.make_tensor_value_info("c", TensorProto.FLOAT, [1, 1, hidden])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["seq", classes]),
+         helper.make_tensor_value_info("h_out", TensorProto.FLOAT, [1, 1, hidden]),
+         helper.make_tensor_value_info("c_out", TensorProto.FLOAT, [1, 1, hidden])],
+    )  # fmt: skip
+
+
 ALL_TEST_MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
     "conv_bn_residual": conv_bn_residual_net,
     "mlp_gemm": mlp_gemm,

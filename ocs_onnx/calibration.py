@@ -211,19 +211,24 @@ def _npy_source(path: Path) -> ArraySource:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_against_input(source: ArraySource, spec: InputSpec) -> None:
+def _check_against_input(source: ArraySource, spec: InputSpec) -> bool:
+    """Checks one array against its input; True where it stacks whole feeds (one axis more)."""
     kind = spec.dtype.kind
     compatible = {"f": "f", "i": "iu", "u": "iu", "b": "b"}.get(kind, kind)
     if source.dtype.kind not in compatible:
         raise CalibrationDataError(
             f"{source.where}: dtype {source.dtype} does not fit model input {spec.name!r} of type {spec.dtype}"
         )
-    if len(source.shape) != len(spec.shape):
+    stacked = len(source.shape) == len(spec.shape) + 1
+    if not stacked and len(source.shape) != len(spec.shape):
         raise CalibrationDataError(
             f"{source.where}: shape {source.shape} has rank {len(source.shape)}, model input {spec.name!r} has rank "
-            f"{len(spec.shape)} ({_shape_text(spec.shape)}); the first axis is the samples"
+            f"{len(spec.shape)} ({_shape_text(spec.shape)}); the first axis is the samples: give a batch of the "
+            f"input's rank, or one more axis in front that stacks whole feeds"
         )
-    for axis, (got, want) in enumerate(zip(source.shape[1:], spec.shape[1:]), start=1):
+    # a stacked array's samples are whole feeds: every axis after the first is the input's
+    compared = zip(source.shape[1:], spec.shape if stacked else spec.shape[1:])
+    for axis, (got, want) in enumerate(compared, start=1):
         if isinstance(want, int) and want > 0 and got != want:
             raise CalibrationDataError(
                 f"{source.where}: shape {source.shape} does not match model input {spec.name!r} "
@@ -231,6 +236,7 @@ def _check_against_input(source: ArraySource, spec: InputSpec) -> None:
             )
     if source.samples == 0:
         raise CalibrationDataError(f"{source.where}: has zero samples")
+    return stacked
 
 
 def _shape_text(shape) -> str:
@@ -241,9 +247,12 @@ class CalibrationData:
     """A validated set of calibration arrays: a list of groups (one per file), each group
     mapping every model input to its array source."""
 
-    def __init__(self, groups: list[dict[str, ArraySource]], description: str):
+    def __init__(self, groups: list[dict[str, ArraySource]], description: str, unbatched: bool = False):
         self.groups = groups
         self.description = description
+        # every array stacks whole feeds along a first axis of its own: a batch is one feed,
+        # as the model takes it (the first axis of which need not be samples)
+        self.unbatched = unbatched
 
     @property
     def samples(self) -> int:
@@ -252,6 +261,13 @@ class CalibrationData:
     def batches(self, max_samples: int, batch: int, skip: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """Batches of at most ``batch`` samples, ``max_samples`` in all, after the first ``skip``
         (files in order, a batch never spanning two files)."""
+        if self.unbatched:
+            for feed in self._batches(max_samples, 1, skip):
+                yield {name: rows[0] for name, rows in feed.items()}
+            return
+        yield from self._batches(max_samples, batch, skip)
+
+    def _batches(self, max_samples: int, batch: int, skip: int) -> Iterator[dict[str, np.ndarray]]:
         remaining = max_samples
         for group in self.groups:
             if remaining <= 0:
@@ -303,6 +319,7 @@ def open_calibration_data(path: Path, specs: list[InputSpec]) -> CalibrationData
         else:
             groups.append(_npz_sources(file))
     expected = [s.name for s in specs]
+    stacked: dict[bool, list[str]] = {}
     for file, group in zip(files, groups):
         missing = [n for n in expected if n not in group]
         extra = [n for n in group if n not in expected]
@@ -315,8 +332,13 @@ def open_calibration_data(path: Path, specs: list[InputSpec]) -> CalibrationData
         if len(set(counts.values())) != 1:
             raise CalibrationDataError(f"{file.name}: arrays have different sample counts {counts}")
         for spec in specs:
-            _check_against_input(group[spec.name], spec)
-    return CalibrationData(groups, str(path))
+            stacked.setdefault(_check_against_input(group[spec.name], spec), []).append(group[spec.name].where)
+    if len(stacked) > 1:
+        raise CalibrationDataError(
+            f"{stacked[True][0]} stacks whole feeds (one axis more than its input) where {stacked[False][0]} holds a "
+            "batch: give every array the same way"
+        )
+    return CalibrationData(groups, str(path), unbatched=True in stacked)
 
 
 def integer_input_limits(graph: gs.Graph) -> dict[str, int]:
@@ -521,6 +543,7 @@ def observe_ranges(
     constants: dict[str, np.ndarray] | None = None,
     peak_axes: dict[str, int] | None = None,
     grams: list | None = None,
+    unbatched: bool = False,
 ) -> CalibrationResult:
     """Runs ``model`` on every batch: the range of every tensor, the sample count, and the first
     batch with the model's outputs on it (the reference the quantized model is checked against).
@@ -533,7 +556,8 @@ def observe_ranges(
     when ``synthetic_feed`` is None (the batches are synthetic themselves), the model cannot
     run (InvalidModelError).
 
-    ``constants`` are model inputs that hold weights ({name: values}), fed to every run."""
+    ``constants`` are model inputs that hold weights ({name: values}), fed to every run.
+    ``unbatched``: every batch is one sample as the model takes it, never cut."""
     input_names = {s.name for s in specs}
     outputs = [o.name for o in model.graph.output]
     graph_outputs = set(outputs)
@@ -554,11 +578,12 @@ def observe_ranges(
     # fetched from one run stay within the budget (one sample first, to measure them): a detector
     # at 640x640 fetches about 50 MB of activations per sample.
     # None: not measured yet (the first run takes one sample); 0: a fixed batch, never cut.
-    chunk = None if all(s.batch_dim is None for s in specs) else 0
+    chunk = None if all(s.batch_dim is None for s in specs) and not unbatched else 0
+    rows_of = (lambda feed: 1) if unbatched else _rows
     probe = None
     for index, feed in enumerate(batches):
         feed = prepare_feed(feed, specs, f"calibration batch {index}")
-        rows, start = _rows(feed), 0
+        rows, start = rows_of(feed), 0
         while start < rows or start == 0:
             size = 1 if chunk is None else (chunk or rows)
             part = feed if start == 0 and size >= rows else {k: v[start : start + size] for k, v in feed.items()}
@@ -577,13 +602,13 @@ def observe_ranges(
                     gram.update(observed[gram.layout.tensor])
             run_outputs = dict(zip(outputs, values[len(fetched) :]))
             if chunk is None:
-                per_sample = sum(v.nbytes for v in values[: len(fetched)]) / max(_rows(part), 1)
+                per_sample = sum(v.nbytes for v in values[: len(fetched)]) / max(rows_of(part), 1)
                 chunk = max(1, int(FETCH_BUDGET_BYTES // max(per_sample, 1.0)))
                 probe = ReferenceBatch(part, run_outputs)
             elif reference is None:
                 reference = ReferenceBatch(part, run_outputs)
-            samples += _rows(part)
-            start += max(_rows(part), 1)
+            samples += rows_of(part)
+            start += max(rows_of(part), 1)
         if on_batch is not None:
             on_batch(samples)
     reference = reference or probe

@@ -298,6 +298,8 @@ class FloatRun:
     fixed_batch: bool
     # the samples calibration left out, for the sensitivity analysis (None: none were)
     held_out: Callable[[], Iterator[dict]] | None = None
+    # every batch is one sample as the model takes it (data stacking whole feeds)
+    unbatched: bool = False
 
 
 @dataclass(frozen=True)

@@ -83,7 +83,10 @@ def calibrate(graph: gs.Graph, ctx: CompileContext) -> None:
     model, left_out = graph_skeleton(graph)
     constants = {name: constant_array(c) for name, c in left_out.items()}
     specs = [s for s in model_input_specs(model) if s.name not in constants]
-    batch = _batch_size(specs, config.calib_batch)
+    data = open_calibration_data(config.calib_data, specs) if specs and config.calib_data is not None else None
+    # data stacking whole feeds is fed one feed at a time, whatever the model's first axis is
+    unbatched = data is not None and data.unbatched
+    batch = 1 if unbatched else _batch_size(specs, config.calib_batch)
     limits = integer_input_limits(graph)
     synthetic_feed = None
     held, held_out = 0, None
@@ -99,9 +102,9 @@ def calibrate(graph: gs.Graph, ctx: CompileContext) -> None:
         if config.analyzes_sensitivity:
             held, held_out = 1, make_batches
 
-    elif config.calib_data is not None:
-        data = open_calibration_data(config.calib_data, specs)
-        held = _held_out_samples(data.samples, batch if any(s.batch_dim is not None for s in specs) else 1, config)
+    elif data is not None:
+        fixed = not unbatched and any(s.batch_dim is not None for s in specs)
+        held = _held_out_samples(data.samples, batch if fixed else 1, config)
         total = min(config.calib_samples, data.samples - held)
         source = str(config.calib_data)
 
@@ -134,17 +137,19 @@ def calibrate(graph: gs.Graph, ctx: CompileContext) -> None:
             "no --calib-data: activation ranges come from synthetic random inputs and may not match real data; "
             "pass --calib-data for accuracy, or --abits none for weight-only quantization"
         )
-    fixed_batch = any(s.batch_dim is not None for s in specs)
+    fixed_batch = unbatched or any(s.batch_dim is not None for s in specs)
 
     def sized_batches():
         batches = make_batches()
-        return (feed for feed in batches if next(iter(feed.values())).shape[0] == batch) if fixed_batch else batches
+        if unbatched or not fixed_batch:
+            return batches
+        return (feed for feed in batches if next(iter(feed.values())).shape[0] == batch)
 
     # a later pass compares the layers' float inputs with the quantized model's on the same data
     replay = (
         None
         if not (config.refines_rounding and grams) and not config.analyzes_sensitivity
-        else FloatRun(model.SerializeToString(), constants, specs, sized_batches, fixed_batch, held_out)
+        else FloatRun(model.SerializeToString(), constants, specs, sized_batches, fixed_batch, held_out, unbatched)
     )
     ctx.facts[FLOAT_RUN] = replay
     if config.abits is None and not grams:  # only the held-out samples were wanted
@@ -166,6 +171,7 @@ def calibrate(graph: gs.Graph, ctx: CompileContext) -> None:
         constants=constants,
         peak_axes=peak_axes,
         grams=list(grams.values()),
+        unbatched=unbatched,
     )
     if result.samples == 0:
         raise CalibrationDataError(f"no calibration samples could be used (the model needs batches of exactly {batch})")

@@ -181,10 +181,10 @@ class _HeldOut:
     output SQNR of any model against them. ``measured`` maps each measured tensor of the
     compiled graph to the float model's."""
 
-    def __init__(self, feeds: list[dict], names: list[str], references: list[dict]):
+    def __init__(self, feeds: list[dict], names: list[str], references: list[dict], unbatched: bool = False):
         self.feeds, self.names = feeds, names
-        self.references = references
-        self.samples = sum(len(next(iter(feed.values()))) if feed else 1 for feed in feeds)
+        self.references, self.unbatched = references, unbatched
+        self.samples = sum(1 if unbatched or not feed else len(next(iter(feed.values()))) for feed in feeds)
         self.error = OutputError(references)
 
     @classmethod
@@ -194,10 +194,12 @@ class _HeldOut:
         session = new_session(float_model.SerializeToString(), BASIC_OPTIMIZATION, memory_arena=False)
         names, float_names = list(measured), list(measured.values())
         references = [dict(zip(names, session.run(float_names, {**feed, **replay.constants}))) for feed in feeds]
-        return cls(feeds, names, references)
+        return cls(feeds, names, references, replay.unbatched)
 
     def first(self, samples: int) -> _HeldOut:
         """The first ``samples`` of them (whole batches where the model's batch is fixed)."""
+        if self.unbatched:
+            return _HeldOut(self.feeds[:samples], self.names, self.references[:samples], True)
         feeds, references, count = [], [], 0
         for feed, reference in zip(self.feeds, self.references):
             if count >= samples:

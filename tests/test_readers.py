@@ -13,7 +13,9 @@ from onnxruntime.quantization import CalibrationDataReader
 from ocs_onnx import compile, compile_file
 from ocs_onnx.errors import CalibrationDataError
 
-from models import digits
+from models import builders, digits
+
+from .conftest import run_model
 
 
 def _images(count: int = 40) -> np.ndarray:
@@ -88,3 +90,52 @@ def test_a_reader_works_with_the_sensitivity_analysis_and_leaves_no_files(tmp_pa
 def test_bad_batches_are_calibration_data_errors(batches, message):
     with pytest.raises(CalibrationDataError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
         compile(str(digits.MODEL), calib_data=batches)
+
+
+def _stateful_model_and_feeds(tmp_path, samples: int = 16):
+    model = builders.stateful_lstm_net()
+    rng = np.random.default_rng(0)
+    feeds = {
+        "x": rng.normal(size=(samples, 20, 8)).astype(np.float32),  # 16 feeds of 20 frames
+        "h": rng.normal(size=(samples, 1, 1, 16)).astype(np.float32) * 0.1,
+        "c": rng.normal(size=(samples, 1, 1, 16)).astype(np.float32) * 0.1,
+    }
+    path = tmp_path / "stacked.npz"
+    np.savez(path, **feeds)
+    return model, feeds, path
+
+
+def test_a_model_without_a_batch_axis_calibrates_on_stacked_feeds(tmp_path):
+    model, feeds, path = _stateful_model_and_feeds(tmp_path)
+    compiled, report = compile(model, calib_data=path)
+    assert report["calibration"]["samples"] == 16
+    assert [layer["name"] for layer in report["layers"]] == ["proj/matmul", "head/matmul"]
+    # the calibrated range of the input is that of the 16 feeds together
+    low, high = report["activations"]["x"]["range"]
+    assert low == pytest.approx(float(feeds["x"].min())) and high == pytest.approx(float(feeds["x"].max()))
+    # the compiled model runs on one feed, as the float model does
+    one = {name: array[0] for name, array in feeds.items()}
+    expected = run_model(model, one)[0]
+    actual = run_model(compiled, one)[0]
+    assert actual.shape == (20, 4) and np.abs(expected - actual).max() < 0.05 * np.abs(expected).max()
+
+
+def test_stacked_feeds_serve_the_sensitivity_analysis_one_feed_a_sample(tmp_path):
+    model, _, path = _stateful_model_and_feeds(tmp_path)
+    _, report = compile(model, calib_data=path, sensitivity=True, holdout_samples=4)
+    assert report["calibration"]["samples"] == 12 and report["sensitivity"]["held_out_samples"] == 4
+
+
+def test_stacked_and_batched_arrays_do_not_mix(tmp_path):
+    model, feeds, _ = _stateful_model_and_feeds(tmp_path)
+    path = tmp_path / "mixed.npz"
+    np.savez(path, x=feeds["x"], h=feeds["h"][:, 0], c=feeds["c"][:, 0])  # h, c as batches along their first axis
+    with pytest.raises(CalibrationDataError, match="stacks whole feeds .* holds a batch"):
+        compile(model, calib_data=path)
+
+
+def test_a_rank_mismatch_says_how_to_give_stacked_feeds(tmp_path):
+    path = tmp_path / "bad.npz"
+    np.savez(path, image=np.zeros((4, 4, 1, 8, 8), dtype=np.float32).reshape(4, 4, 1, 8, 8, 1))
+    with pytest.raises(CalibrationDataError, match="one more axis in front that stacks whole feeds"):
+        compile(str(digits.MODEL), calib_data=path)

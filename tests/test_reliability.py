@@ -475,7 +475,9 @@ BAD_CALIBRATION = {
     "names that are not the model's": (lambda d: _npz(d, input=_x()), "unknown ['input']"),
     "an integer dtype for a float input": (lambda d: _npz(d, x=_x(dtype=np.int32)), "dtype int32"),
     "a complex dtype": (lambda d: _npz(d, x=_x().astype(np.complex64)), "dtype complex64"),
-    "one axis too many": (lambda d: _npz(d, x=_x()[:, :, None]), "rank 3"),
+    "two axes too many": (lambda d: _npz(d, x=_x()[:, :, None, None]), "rank 4"),
+    # one axis more stacks whole feeds, which then must have the input's shape
+    "stacked feeds of the wrong shape": (lambda d: _npz(d, x=_x()[:, :, None]), "axis 2: 1 != 4"),
     "zero samples": (lambda d: _npz(d, x=_x(0)), "zero samples"),
     "a NaN in the first batch": (lambda d: _npz(d, x=_with(_x(), 5, np.nan)), "NaN or Inf"),
     "an Inf after the first batch": (lambda d: _npz(d, x=_with(_x(12), 20, np.inf)), "batch 1"),
