@@ -234,6 +234,12 @@ def _effective_config(flags: dict, config_path: Path | None) -> CompileConfig:
     help="uint8 with zero point (asymmetric) or int8 symmetric activations.",
 )
 @_option(
+    "--equalize/--no-equalize",
+    field="equalize",
+    help="Cross-layer equalization first: layer pairs joined through Relu, LeakyRelu or nothing get balanced "
+    "weight ranges (the same function).",
+)
+@_option(
     "--ocs-guard/--no-ocs-guard",
     field="ocs_guard",
     help="Split a layer only when that lowers its weight quantization error.",
@@ -345,6 +351,7 @@ def compile_command(
     ratio,
     act_ratio,
     split,
+    equalize,
     ocs_guard,
     fold_copies,
     min_split_gain,
@@ -391,6 +398,7 @@ def compile_command(
         ratio=ratio,
         act_ratio=act_ratio,
         split=split,
+        equalize=equalize,
         ocs_guard=ocs_guard,
         fold_ocs_copies=fold_copies,
         min_split_gain_db=min_split_gain,

@@ -42,6 +42,9 @@ class CompileConfig:
     # Activation OCS ratio: ceil(r * C) channels of a layer's input split, chosen by calibration.
     act_ratio: float = 0.0
     split: str = "qa"
+    # Cross-layer equalization before anything else (passes/equalize.py): pairs of layers joined
+    # through Relu, LeakyRelu or nothing get balanced weight ranges, the same function.
+    equalize: bool = False
     # Keep a layer's splits only when they lower its weight quantization error.
     ocs_guard: bool = True
     # ... and only when they raise its estimated output SQNR (its weight's quantization noise and

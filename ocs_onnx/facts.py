@@ -262,6 +262,7 @@ HARDSWISH_FUSED = Fact("hardswish-fused", Binding.NONE, "marker: spelled-out Har
 AFFINE_FOLDED = Fact("affine-folded", Binding.NONE, "marker: constant Add/Sub/Mul after Convs are folded")
 TENSOR_TYPES = Fact("tensor-types", Binding.NONE, "marker: tensors carry inferred types and shapes")
 LINEAR_CANONICAL = Fact("linear-canonical", Binding.NONE, "marker: 2-D MatMul + Add are Gemms, alpha/beta folded")
+EQUALIZED = Fact("equalized", Binding.NAMES, "dict[str, str]: layers equalized with the layer after them")
 LAYERS = Fact("layers", Binding.OBJECTS, "list[Layer]: the layers to quantize")
 KEPT_FLOAT = Fact("kept-float", Binding.NAMES, "dict[str, str]: weighted nodes kept float, and why")
 ACTIVATION_PLAN = Fact("activation-plan", Binding.NAMES, "ActivationPlan: activation tensors to quantize")

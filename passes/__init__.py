@@ -11,6 +11,7 @@ from . import (
     clip_activations,
     clip_weights,
     constants,
+    equalize,
     linear,
     names,
     opset,
@@ -37,6 +38,7 @@ DEFAULT_PASSES = [
     # after shape inference: a constant that broadcasts a Conv's input to its channels does not fold
     affine.fold_affine,
     linear.canonicalize_linear,
+    equalize.equalize_layers,
     select.select_layers,
     activations.plan_activations,
     calibrate.calibrate,

@@ -24,6 +24,7 @@ abits = 6
 ratio = 0.05
 act_ratio = 0.01
 split = "naive"
+equalize = true
 ocs_guard = false
 min_split_gain_db = 0.5
 fold_ocs_copies = false
