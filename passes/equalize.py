@@ -86,6 +86,8 @@ def find_pairs(graph: gs.Graph) -> list[tuple[gs.Node, gs.Node]]:
             consumer = between.outputs[0]
         if consumer.op not in ("Conv", "Gemm", "MatMul") or _input_axis(consumer) is None:
             continue
+        if (producer.op == "Conv") != (consumer.op == "Conv"):
+            continue  # a Conv's channels are axis 1, a MatMul's features the last axis: not the same channel
         if len(consumer.inputs) < 2 or consumer.inputs[0] is not between or not _own_constant(consumer.inputs[1]):
             continue
         channels = producer.inputs[1].shape[_output_axis(producer)]

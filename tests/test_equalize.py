@@ -76,3 +76,23 @@ def test_a_pair_with_an_outlier_row_gets_a_finer_per_tensor_grid():
     before = {layer["name"]: layer["sqnr_db"]["with_ocs"] for layer in plain["layers"]}
     after = {layer["name"]: layer["sqnr_db"]["with_ocs"] for layer in equalized["layers"]}
     assert after["fc1"] > before["fc1"] + 3  # its large row no longer sets the grid alone (26.2 -> 32.1 dB)
+
+
+def test_a_conv_feeding_a_matmul_is_not_a_pair():
+    # the MatMul contracts the Conv output's last axis (width), not its channels, even where
+    # their sizes agree
+    rng = np.random.default_rng(0)
+    h = onnx.helper
+    graph = h.make_graph(
+        [h.make_node("Conv", ["x", "w1"], ["a"], name="conv", pads=[1, 1, 1, 1]),
+         h.make_node("Relu", ["a"], ["r"], name="relu"),
+         h.make_node("MatMul", ["r", "w2"], ["y"], name="matmul")],
+        "conv_matmul",
+        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 4, 4])],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4, 4, 2])],
+        [onnx.numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w1"),
+         onnx.numpy_helper.from_array(rng.normal(size=(4, 2)).astype(np.float32), "w2")],
+    )  # fmt: skip
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    _, report = compile(model, equalize=True, abits=None, stop_after="equalize-layers", verify=False)
+    assert report["normalization"]["pairs_equalized"] == 0
