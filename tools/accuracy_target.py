@@ -1,8 +1,9 @@
 """What ``--target-sqnr`` buys and costs: for each model, the default W8A8 compile and the same
 compile with each target (output SQNR against the float model on the held-out calibration
 samples, dB), with the task metric, the candidates kept float, the output SQNR reached, the
-analysis time over the plain compile's (same run), latency over the plain compile's output (one
-thread, batch 1, interleaved rounds) and the model size.
+analysis time over the plain compile's (same run), latency over the float model's (one thread,
+batch 1, interleaved rounds; onnxruntime's own quantize_static W8A8 QDQ output, the bench's peer,
+timed and scored in the same run) and the model size.
 
 A target given as ``auto`` is the output SQNR that weight-only quantization (``--abits none``)
 reaches on the same held-out samples: W8A8 held to weight-only W8's output error.
@@ -23,7 +24,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # the checkout, after
 sys.path.append(str(Path(__file__).resolve().parent))  # tools/, for bench.py's model registry
 
 import ocs_onnx  # noqa: E402
-from bench import fixed_batch, latency_ratios, print_per_model, registry  # noqa: E402
+from bench import ORT_RUNS, fixed_batch, latency_ratios, ort_quantize, print_per_model, registry  # noqa: E402
 
 
 def _timed_compile(subject, output: Path, **options) -> tuple[dict, float]:
@@ -67,13 +68,19 @@ def measure(name: str, work: Path, targets: list[str], rounds: int) -> list[str]
                      f"{report['pass_seconds']['analyze-sensitivity'] / plain_seconds:.2f}", len(paths),
                      f"{report['totals']['model_bytes_after']:,}"])  # fmt: skip
         paths.append(path)
+    label, method, weight_type, reduce = ORT_RUNS[0]
+    peer = ort_quantize(subject, work, label, method, weight_type, reduce)
+    if peer.ok:
+        rows.insert(0, [f"onnxruntime quantize_static W8A8 {label}", f"{subject.evaluate(peer.output)[metric]:.1f}",
+                        "", "", "", len(paths), f"{peer.output.stat().st_size:,}"])  # fmt: skip
+        paths.append(peer.output)
     batch = fixed_batch(onnx.load(str(subject.model), load_external_data=False)) or 1
     feed = {k: v[:batch] for k, v in subject.latency_feed.items()}
-    ratios = latency_ratios(paths, feed, threads=1, rounds=rounds)
-    header = f"| {subject.name} | {metric} | weights / activation groups kept float | output SQNR, held out (dB) | analysis time / plain compile | latency / plain output | bytes |"
+    ratios = latency_ratios([Path(subject.model), *paths], feed, threads=1, rounds=rounds)[1:]
+    header = f"| {subject.name} | {metric} | weights / activation groups kept float | output SQNR, held out (dB) | analysis time / plain compile | latency / float | bytes |"
     lines = [header, "|---|---|---|---|---|---|---|"]
     for row in rows:
-        row[5] = "1.00" if row[5] is None else (f"{ratios[row[5]]:.2f}" if isinstance(row[5], int) else row[5])
+        row[5] = f"{ratios[row[5] or 0]:.2f}" if isinstance(row[5], int) or row[5] is None else row[5]
         lines.append("| " + " | ".join(str(cell) for cell in row) + " |")
     return lines
 
